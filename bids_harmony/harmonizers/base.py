@@ -1,0 +1,289 @@
+"""The contract every harmonizer follows, its registry, and the model card it saves.
+
+A harmonizer works on images already in template space and normalised to [0, 1] inside the
+brain mask (the pipeline's ``desc-preproc`` output). It is fitted once (``group`` level) on
+many images with their site and sequence labels, saved without pickle (``.npz`` or
+safetensors beside ``model_card.json``) and applied per image (``participant`` level).
+
+Fitted state lives in attributes ending in ``_`` that only ``fit`` and ``load`` set, as in
+scikit-learn; ``transform`` and ``save`` before that raise :class:`NotFittedError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+
+from bids_harmony import __version__
+from bids_harmony.errors import DataError, InputMissingError, NotFittedError, UsageError
+
+MODEL_CARD = "model_card.json"
+UNIFIED = "unified"
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A brain image in template space with its brain mask.
+
+    ``data`` is float32 and normalised to [0, 1] inside ``mask`` (1st-99th percentile
+    min-max); voxels outside the mask are 0.
+    """
+
+    data: np.ndarray
+    mask: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.data.shape != self.mask.shape:
+            raise DataError(
+                f"image shape {self.data.shape} differs from mask shape {self.mask.shape}; "
+                "resample both to the same template grid"
+            )
+
+    @property
+    def brain(self) -> np.ndarray:
+        """Intensities inside the mask, as a flat float array."""
+        return self.data[self.mask.astype(bool)]
+
+
+class Harmonizer(ABC):
+    """Base of all harmonizers: ``fit`` / ``transform`` / ``save`` / ``load``.
+
+    Subclasses implement ``_fit_sequence`` (learn the state for one sequence from the target
+    reference images and, when useful, all images) and ``_transform_sequence``, and declare
+    ``_state_keys``: the names of the fitted arrays saved in ``state.npz`` per sequence.
+    """
+
+    name: ClassVar[str]
+    supports_unified: ClassVar[bool] = True
+    _state_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, **params: Any) -> None:
+        self.params: dict[str, Any] = dict(params)
+
+    # -- public contract -------------------------------------------------------------------
+    def fit(
+        self,
+        images: Sequence[Volume],
+        sites: Sequence[str],
+        sequences: Sequence[str],
+        target: str = AUTO,
+    ) -> Harmonizer:
+        """Learn, for each sequence, how to map any image to the target site's style."""
+        if not (len(images) == len(sites) == len(sequences)) or not images:
+            raise DataError(
+                f"fit needs one site and one sequence per image, got {len(images)} images, "
+                f"{len(sites)} sites, {len(sequences)} sequences"
+            )
+        target_site = resolve_target_site(images, sites, target)
+        if target_site == UNIFIED and not self.supports_unified:
+            raise UsageError(
+                f"--target-site unified is not supported by {self.name}; name a site or use auto"
+            )
+        state: dict[str, dict[str, np.ndarray]] = {}
+        for sequence in sorted(set(sequences)):
+            seq_images = [im for im, s in zip(images, sequences) if s == sequence]
+            seq_sites = [site for site, s in zip(sites, sequences) if s == sequence]
+            reference = [
+                im for im, site in zip(seq_images, seq_sites)
+                if target_site == UNIFIED or site == target_site
+            ]
+            if not reference:
+                raise DataError(
+                    f"target site '{target_site}' has no {sequence} image to learn from; "
+                    "choose another --target-site or drop that --suffix"
+                )
+            state[sequence] = self._fit_sequence(reference, seq_images, seq_sites)
+        self.state_ = state
+        self.target_site_ = target_site
+        self.training_ = {
+            "sites": sorted(set(sites)),
+            "sequences": sorted(set(sequences)),
+            "n_images": len(images),
+            "checksum": checksum_images(images),
+        }
+        return self
+
+    def transform(self, image: Volume, sequence: str) -> np.ndarray:
+        """Harmonize one image; returns float32 data on the same grid, 0 outside the mask."""
+        self._check_fitted()
+        if sequence not in self.state_:
+            raise DataError(
+                f"the {self.name} model was fitted on {sorted(self.state_)} but not {sequence}; "
+                "refit it at the group level with that --suffix"
+            )
+        out = self._transform_sequence(image, self.state_[sequence])
+        mask = image.mask.astype(bool)
+        return np.where(mask, out, 0.0).astype(np.float32)
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``state.npz`` and ``model_card.json`` into ``directory`` atomically."""
+        self._check_fitted()
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        arrays = {
+            f"{sequence}/{key}": np.asarray(value)
+            for sequence, seq_state in self.state_.items()
+            for key, value in seq_state.items()
+        }
+        np.savez(staging / "state.npz", **arrays)
+        card = self.model_card()
+        card["state_sha256"] = sha256_file(staging / "state.npz")
+        (staging / MODEL_CARD).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+        if directory.exists():
+            _replace_directory(staging, directory)
+        else:
+            staging.rename(directory)
+        return directory
+
+    @classmethod
+    def load(cls: type[H], directory: str | os.PathLike[str]) -> H:
+        """Rebuild a fitted harmonizer from ``save``'s output (no pickle involved)."""
+        directory = Path(directory)
+        card = read_model_card(directory)
+        if card["method"] != cls.name:
+            raise DataError(
+                f"{directory / MODEL_CARD} holds a '{card['method']}' model, not '{cls.name}'; "
+                f"pass --method {card['method']} or another --model"
+            )
+        harmonizer = cls(**card["parameters"])
+        with np.load(directory / "state.npz", allow_pickle=False) as npz:
+            state: dict[str, dict[str, np.ndarray]] = {}
+            for key in npz.files:
+                sequence, name = key.split("/", 1)
+                state.setdefault(sequence, {})[name] = npz[key]
+        harmonizer.state_ = state
+        harmonizer.target_site_ = card["target_site"]
+        harmonizer.training_ = card["training"]
+        return harmonizer
+
+    def model_card(self) -> dict[str, Any]:
+        """What was fitted, on what, with which parameters: the JSON saved beside the state."""
+        self._check_fitted()
+        return {
+            "method": self.name,
+            "description": (type(self).__doc__ or "").strip().splitlines()[0],
+            "bids_harmony_version": __version__,
+            "parameters": self.params,
+            "target_site": self.target_site_,
+            "training": self.training_,
+        }
+
+    # -- to implement ----------------------------------------------------------------------
+    @abstractmethod
+    def _fit_sequence(
+        self,
+        reference: Sequence[Volume],
+        images: Sequence[Volume],
+        sites: Sequence[str],
+    ) -> dict[str, np.ndarray]:
+        """Return the fitted arrays for one sequence (keys as in ``_state_keys``)."""
+
+    @abstractmethod
+    def _transform_sequence(self, image: Volume, state: dict[str, np.ndarray]) -> np.ndarray:
+        """Harmonize one image with one sequence's fitted arrays."""
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "state_"):
+            raise NotFittedError(
+                f"the {self.name} harmonizer is not fitted; run the group level first "
+                "or pass --model DIR"
+            )
+
+
+H = TypeVar("H", bound=Harmonizer)
+
+HARMONIZERS: dict[str, type[Harmonizer]] = {}
+
+
+def register(name: str) -> Callable[[type[H]], type[H]]:
+    """Class decorator: make a harmonizer available as ``--method name``."""
+
+    def decorator(cls: type[H]) -> type[H]:
+        if name in HARMONIZERS:
+            raise ValueError(f"harmonizer name '{name}' registered twice")
+        cls.name = name
+        HARMONIZERS[name] = cls
+        return cls
+
+    return decorator
+
+
+def read_model_card(directory: Path) -> dict[str, Any]:
+    """Read ``model_card.json`` with an error that says how to get one."""
+    card_path = Path(directory) / MODEL_CARD
+    if not card_path.is_file():
+        raise InputMissingError(
+            f"{card_path} not found; fit a model with the group level or pass another --model"
+        )
+    return json.loads(card_path.read_text())
+
+
+def resolve_target_site(images: Sequence[Volume], sites: Sequence[str], target: str) -> str:
+    """Turn ``--target-site`` into a site label (or ``unified``).
+
+    ``auto`` picks the site whose scans are most alike: the lowest mean pairwise 1-D
+    Wasserstein distance between the brain intensity distributions of its images, the rule
+    the SGCD paper uses to choose its target. A site with a single image has no spread to
+    measure, so it is only chosen when no site has two images.
+    """
+    known = sorted(set(sites))
+    if target == UNIFIED:
+        return UNIFIED
+    if target != AUTO:
+        if target not in known:
+            raise DataError(
+                f"--target-site '{target}' is not a site of this dataset; known sites: "
+                f"{', '.join(known)} (or use auto / unified)"
+            )
+        return target
+    from scipy.stats import wasserstein_distance
+
+    spread: dict[str, float] = {}
+    for site in known:
+        brains = [im.brain for im, s in zip(images, sites) if s == site]
+        pairs = [
+            wasserstein_distance(a, b) for i, a in enumerate(brains) for b in brains[i + 1:]
+        ]
+        spread[site] = float(np.mean(pairs)) if pairs else float("inf")
+    return min(known, key=lambda s: (spread[s], s))
+
+
+def checksum_images(images: Sequence[Volume]) -> str:
+    """SHA-256 over the training images and masks, recorded in the model card."""
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(np.ascontiguousarray(image.data, dtype=np.float32).tobytes())
+        digest.update(np.ascontiguousarray(image.mask, dtype=np.uint8).tobytes())
+    return digest.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _replace_directory(new: Path, old: Path) -> None:
+    """Swap ``new`` into place of ``old`` so readers never see a half-written model."""
+    trash = old.with_name(f".{old.name}.old")
+    if trash.exists():
+        shutil.rmtree(trash)
+    old.rename(trash)
+    new.rename(old)
+    shutil.rmtree(trash)
