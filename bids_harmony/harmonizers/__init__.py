@@ -1,12 +1,28 @@
 """Harmonizers behind one contract; importing this package fills the registry."""
 
-from bids_harmony.harmonizers.base import HARMONIZERS, Harmonizer, Volume, register
+from __future__ import annotations
 
-from bids_harmony.harmonizers import histmatch, nyul, ssimh, whitestripe, zscore  # noqa: E402,F401
+from pathlib import Path
 
-__all__ = ["HARMONIZERS", "Harmonizer", "Volume", "register", "get_harmonizer"]
+from bids_harmony.errors import DataError
+from bids_harmony.harmonizers.base import (
+    HARMONIZERS,
+    Harmonizer,
+    Volume,
+    read_model_card,
+    register,
+)
+from bids_harmony.harmonizers import histmatch, nyul, ssimh, whitestripe, zscore  # noqa: F401
+
+__all__ = ["HARMONIZERS", "Harmonizer", "Volume", "register", "load_harmonizer"]
 
 
-def get_harmonizer(name: str) -> type[Harmonizer]:
-    """The harmonizer class registered as ``name``."""
-    return HARMONIZERS[name]
+def load_harmonizer(directory: Path) -> Harmonizer:
+    """Load whichever harmonizer ``directory/model_card.json`` names."""
+    method = read_model_card(Path(directory))["method"]
+    if method not in HARMONIZERS:
+        raise DataError(
+            f"{directory} holds a '{method}' model, which this version of bids_harmony does "
+            f"not know; known: {', '.join(sorted(HARMONIZERS))}"
+        )
+    return HARMONIZERS[method].load(directory)

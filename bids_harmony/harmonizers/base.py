@@ -30,6 +30,9 @@ from bids_harmony.errors import DataError, InputMissingError, NotFittedError, Us
 MODEL_CARD = "model_card.json"
 UNIFIED = "unified"
 AUTO = "auto"
+# Quantiles of the target reference's brain intensities, kept for every method so QC can
+# measure how close a harmonized image's distribution came to the target (Wasserstein).
+REFERENCE_QUANTILES = "reference_quantiles"
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,9 @@ class Harmonizer(ABC):
                     "choose another --target-site or drop that --suffix"
                 )
             state[sequence] = self._fit_sequence(reference, seq_images, seq_sites)
+            state[sequence][REFERENCE_QUANTILES] = np.quantile(
+                np.concatenate([im.brain for im in reference]), np.linspace(0.0, 1.0, 1001)
+            ).astype(np.float32)
         self.state_ = state
         self.target_site_ = target_site
         self.training_ = {
@@ -167,6 +173,11 @@ class Harmonizer(ABC):
         harmonizer.target_site_ = card["target_site"]
         harmonizer.training_ = card["training"]
         return harmonizer
+
+    def reference_quantiles(self, sequence: str) -> np.ndarray:
+        """Brain-intensity quantiles of the target reference for ``sequence``."""
+        self._check_fitted()
+        return self.state_[sequence][REFERENCE_QUANTILES]
 
     def model_card(self) -> dict[str, Any]:
         """What was fitted, on what, with which parameters: the JSON saved beside the state."""
