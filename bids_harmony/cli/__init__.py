@@ -1,0 +1,1 @@
+"""Command-line entry points (lazy imports keep --help instant)."""

@@ -1,0 +1,127 @@
+"""The command-line parser: BIDS-Apps positional arguments and options.
+
+It is the single source of truth for the options: ``--help``, the README's option table and
+the Boutiques descriptor are all derived from or checked against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import NoReturn
+
+from bids_harmony import __version__
+from bids_harmony.errors import ExitCode
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class BIDSAppArgumentParser(argparse.ArgumentParser):
+    """argparse with the BIDS-Apps exit codes: 17 for an unknown level, 64 otherwise."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage()
+        code = ExitCode.UNKNOWN_LEVEL if "analysis_level" in message else ExitCode.USAGE
+        self.exit(int(code), f"{self.prog}: error: {message}\n")
+
+
+def _device(value: str) -> str:
+    if not DEVICE_PATTERN.match(value):
+        raise argparse.ArgumentTypeError(f"'{value}' is not auto, cpu, cuda or cuda:N")
+    return value
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
+    return number
+
+
+def _ratio(value: str) -> float:
+    number = float(value)
+    if not 0.0 < number < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} must lie strictly between 0 and 1")
+    return number
+
+
+def build_parser() -> BIDSAppArgumentParser:
+    """Build the parser; harmonizer choices come from the registry."""
+    from bids_harmony.harmonizers import HARMONIZERS
+
+    parser = BIDSAppArgumentParser(
+        prog="bids_harmony",
+        description=(
+            "Harmonize multi-site structural MRI (T1w, T2w, ...) of a BIDS dataset. "
+            "'participant' preprocesses each image (reorient, N4, brain extraction, registration "
+            "to MNI, percentile normalisation, 3D Canny edges) and applies a fitted harmonizer; "
+            "'group' fits the harmonizer on all preprocessed images and writes group QC."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("bids_dir", help="root of the input BIDS dataset (never written to)")
+    parser.add_argument("output_dir", help="where derivatives are written")
+    parser.add_argument("analysis_level", choices=["participant", "group"],
+                        help="processing stage")
+    parser.add_argument("--version", action="version", version=f"bids_harmony {__version__}")
+
+    select = parser.add_argument_group("selecting data")
+    select.add_argument("--participant-label", "--participant_label", nargs="+", default=[],
+                        metavar="LABEL", help="participants to process (with or without 'sub-')")
+    select.add_argument("--session-label", nargs="+", default=[], metavar="LABEL",
+                        help="sessions to process (with or without 'ses-')")
+    select.add_argument("--suffix", nargs="+", default=[], metavar="SUFFIX",
+                        help="sequences to process, e.g. T1w T2w (default: every anatomical "
+                             "suffix found)")
+    select.add_argument("--skip-bids-validation", action="store_true",
+                        help="do not validate the input dataset")
+
+    sites = parser.add_argument_group("sites")
+    sites.add_argument("--site-column", default="site",
+                       help="column of sessions.tsv / participants.tsv that names the site")
+    sites.add_argument("--site-map", metavar="FILE.tsv", default=None,
+                       help="TSV with participant_id[, session_id], site; overrides the tables")
+    sites.add_argument("--target-site", default="auto", metavar="SITE|auto|unified",
+                       help="site whose style the harmonized images take; auto = the most "
+                            "homogeneous site; unified = pooled reference of all sites")
+
+    harmony = parser.add_argument_group("harmonization")
+    harmony.add_argument("--method", choices=sorted(HARMONIZERS), default="histmatch",
+                         help="harmonizer")
+    harmony.add_argument("--model", metavar="DIR", default=None,
+                         help="a fitted harmonizer (default: the one the group level saved "
+                              "under OUTPUT_DIR/models/)")
+    harmony.add_argument("--device", type=_device, default="auto",
+                         help="auto, cpu, cuda or cuda:N (learned harmonizers)")
+
+    preproc = parser.add_argument_group("preprocessing")
+    preproc.add_argument("--template", default=None,
+                         help="TemplateFlow template (default MNI152NLin2009cAsym when "
+                              "available, else the bundled MNI152NLin2009aSym)")
+    preproc.add_argument("--resolution", type=int, choices=[1, 2], default=1,
+                         help="template grid spacing in mm")
+    preproc.add_argument("--output-spaces", nargs="+", default=["template"],
+                         metavar="SPACE",
+                         help="'template' (or its name) and/or T1w (native grid of each image)")
+    preproc.add_argument("--registration", choices=["affine", "syn"], default="affine",
+                         help="rigid + affine, or rigid + affine + SyN")
+    preproc.add_argument("--skull-stripped", nargs="?", const="yes", default="auto",
+                         choices=["auto", "yes", "no"],
+                         help="whether inputs are already brain-extracted (auto detects)")
+    preproc.add_argument("--edge-ratio", type=_ratio, default=0.08,
+                         help="fraction of voxels the 3D Canny edge map keeps")
+    preproc.add_argument("--seed", type=int, default=42, help="random seed")
+
+    perf = parser.add_argument_group("performance and bookkeeping")
+    perf.add_argument("-w", "--work-dir", default=None,
+                      help="working directory (default: OUTPUT_DIR/.bids_harmony_work)")
+    perf.add_argument("--nprocs", type=_positive_int, default=1,
+                      help="parallel processes")
+    perf.add_argument("--omp-nthreads", type=_positive_int, default=1,
+                      help="threads per process (N4, registration)")
+    perf.add_argument("--mem-gb", type=float, default=None, help="memory limit in GB")
+    perf.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                      help="skip images whose outputs already exist")
+    perf.add_argument("-v", "--verbose", action="count", default=0,
+                      help="more logging (repeat for debug)")
+    return parser

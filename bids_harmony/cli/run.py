@@ -1,0 +1,136 @@
+"""``bids_harmony BIDS_DIR OUTPUT_DIR {participant,group}``: parse, validate, run, exit code.
+
+The CLI is a boundary: every problem with the command line or the input becomes one line
+on stderr and a BIDS-Apps exit code; heavy imports wait until they are needed so ``--help``
+and ``--version`` are instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bids_harmony.errors import (
+    ExitCode,
+    HarmonyError,
+    InputMissingError,
+    OutputError,
+    UsageError,
+)
+
+LOGGER = logging.getLogger("bids_harmony")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``bids_harmony`` console script."""
+    os.environ.setdefault("NIPYPE_NO_ET", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from bids_harmony.cli.parser import build_parser
+
+    args = build_parser().parse_args(argv)
+    try:
+        config = build_config(args)
+        _setup_logging(config.verbose, config.log_dir)
+        LOGGER.info("bids_harmony run %s: config written to %s", config.run_id,
+                    config.write_toml())
+        from bids_harmony.workflows.levels import run_group, run_participant
+
+        if config.analysis_level == "participant":
+            run_participant(config)
+        else:
+            run_group(config)
+    except HarmonyError as error:
+        print(f"bids_harmony: error: {error}", file=sys.stderr)
+        return int(error.exit_code)
+    except KeyboardInterrupt:
+        print("bids_harmony: interrupted; rerun the same command to resume", file=sys.stderr)
+        return int(ExitCode.FAILURE)
+    return int(ExitCode.OK)
+
+
+def build_config(args: object) -> "RunConfig":  # noqa: F821
+    """Check paths and labels at the boundary and freeze them into a ``RunConfig``."""
+    from bids_harmony.config import AnalysisLevel, Registration, RunConfig, SkullStripped
+
+    bids_dir = Path(args.bids_dir).resolve()
+    output_dir = Path(args.output_dir).resolve()
+    if not bids_dir.is_dir():
+        raise InputMissingError(f"BIDS_DIR {bids_dir} does not exist; give the dataset root")
+    if output_dir == bids_dir or bids_dir in output_dir.parents:
+        raise UsageError(
+            f"OUTPUT_DIR {output_dir} is inside the input dataset {bids_dir}, which is never "
+            "written to; choose a folder outside it (e.g. BIDS_DIR/../derivatives/bids_harmony)"
+        )
+    work_dir = (Path(args.work_dir) if args.work_dir else output_dir / ".bids_harmony_work")
+    work_dir = work_dir.resolve()
+    if work_dir == bids_dir or bids_dir in work_dir.parents:
+        raise UsageError(f"--work-dir {work_dir} is inside the input dataset; move it outside")
+    for optional in ("site_map", "model"):
+        value = getattr(args, optional)
+        if value and not Path(value).exists():
+            flag = "--" + optional.replace("_", "-")
+            raise InputMissingError(f"{flag} {value} does not exist; check the path")
+    for folder in (output_dir, work_dir):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as error:
+            raise OutputError(f"cannot write to {folder} ({error.strerror}); choose a writable "
+                              "folder or fix its permissions") from None
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+    return RunConfig(
+        bids_dir=bids_dir,
+        output_dir=output_dir,
+        analysis_level=AnalysisLevel(args.analysis_level),
+        work_dir=work_dir,
+        run_id=run_id,
+        participant_label=tuple(_strip(label, "sub-") for label in args.participant_label),
+        session_label=tuple(_strip(label, "ses-") for label in args.session_label),
+        suffix=tuple(args.suffix),
+        method=args.method,
+        target_site=args.target_site,
+        site_column=args.site_column,
+        site_map=Path(args.site_map).resolve() if args.site_map else None,
+        model=Path(args.model).resolve() if args.model else None,
+        device=args.device,
+        template=args.template,
+        resolution=args.resolution,
+        output_spaces=tuple(args.output_spaces),
+        registration=Registration(args.registration),
+        skull_stripped=SkullStripped(args.skull_stripped),
+        edge_ratio=args.edge_ratio,
+        nprocs=args.nprocs,
+        omp_nthreads=args.omp_nthreads,
+        mem_gb=args.mem_gb,
+        skip_bids_validation=args.skip_bids_validation,
+        resume=args.resume,
+        seed=args.seed,
+        verbose=args.verbose,
+    )
+
+
+def _strip(label: str, prefix: str) -> str:
+    return label[len(prefix):] if label.startswith(prefix) else label
+
+
+def _setup_logging(verbose: int, log_dir: Path) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
+    log_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s bids_harmony %(levelname)s: %(message)s",
+                                           "%H:%M:%S"))
+    file_handler = logging.FileHandler(log_dir / "bids_harmony.log")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s"))
+    LOGGER.handlers[:] = [handler, file_handler]
+    LOGGER.setLevel(logging.DEBUG)
+    handler.setLevel(level)
+    logging.getLogger("nipype.workflow").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
