@@ -19,7 +19,7 @@ from bids_harmony.bids.layout import (
 )
 from bids_harmony.config import RunConfig
 from bids_harmony.data.templates import TemplateFiles, resolve_template
-from bids_harmony.errors import HarmonyError, InputMissingError, UsageError
+from bids_harmony.errors import DataError, HarmonyError, InputMissingError, UsageError
 
 LOGGER = logging.getLogger("bids_harmony")
 
@@ -45,6 +45,12 @@ def prepare(config: RunConfig) -> RunContext:
         site_column=config.site_column,
         site_map=config.site_map,
     )
+    known_sites = sorted({image.site for image in images})
+    if config.target_site not in ("auto", "unified", *known_sites):
+        raise DataError(
+            f"--target-site '{config.target_site}' is not a site of the selected images; "
+            f"known sites: {', '.join(known_sites)} (or use auto / unified)"
+        )
     template = resolve_template(config.template, config.resolution, config.work_dir)
     write_dataset_description(config.output_dir, config.bids_dir)
     _write_sites(config.output_dir, images)

@@ -1,0 +1,36 @@
+"""Shared fixtures: an offline environment and small real BIDS datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NIPYPE_NO_ET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+IXI_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ixi"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_templateflow(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Point TemplateFlow at an empty home so no test reads or fills the user's cache."""
+    os.environ["TEMPLATEFLOW_HOME"] = str(tmp_path_factory.mktemp("templateflow_home"))
+
+
+@pytest.fixture(scope="session")
+def demo_bids(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small traveling-subject dataset: 2 subjects x 3 sites, T1w and T2w (read-only use)."""
+    from bids_harmony.data.demo import generate_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo") / "bids"
+    return generate_demo_dataset(root, n_subjects=2, n_sites=3, seed=1)
+
+
+@pytest.fixture
+def ixi_dir() -> Path:
+    if not (IXI_DIR / "nifti").is_dir():
+        pytest.skip(f"real IXI heads not found at {IXI_DIR}")
+    return IXI_DIR
