@@ -109,7 +109,8 @@ def build_parser() -> BIDSAppArgumentParser:
                          choices=["auto", "yes", "no"],
                          help="whether inputs are already brain-extracted (auto detects)")
     preproc.add_argument("--edge-ratio", type=_ratio, default=0.08,
-                         help="fraction of voxels the 3D Canny edge map keeps")
+                         help="fraction of brain voxels the 3D Canny edge map keeps (threshold searched per "
+                              "image, as in BlindHarmonyDiff)")
     preproc.add_argument("--seed", type=int, default=42, help="random seed")
 
     perf = parser.add_argument_group("performance and bookkeeping")

@@ -30,7 +30,7 @@ def percentile_normalize(
     ``DataError`` naming the file.
     """
     if not 0.0 <= lower < upper <= 100.0:
-        raise ValueError(f"percentiles must satisfy 0 <= lower < upper <= 100, got {lower}, {upper}")
+        raise ValueError(f"need 0 <= lower < upper <= 100, got lower={lower}, upper={upper}")
     brain = np.asarray(mask) > 0
     if not brain.any():
         raise ValueError("the brain mask is empty")

@@ -11,7 +11,6 @@ from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
     InputMultiObject,
-    OutputMultiObject,
     SimpleInterface,
     TraitedSpec,
     traits,
@@ -55,10 +54,10 @@ class _RegisterToTemplateInputSpec(BaseInterfaceInputSpec):
 
 
 class _RegisterToTemplateOutputSpec(TraitedSpec):
-    forward_transforms = OutputMultiObject(
+    forward_transforms = traits.List(
         File(exists=True), desc="moving -> fixed, ANTs order (last listed is applied first)"
     )
-    inverse_transforms = OutputMultiObject(
+    inverse_transforms = traits.List(
         File(exists=True), desc="fixed -> moving, ANTs order; use with inverse_invert_flags"
     )
     inverse_invert_flags = traits.List(
@@ -100,6 +99,8 @@ class RegisterToTemplate(SimpleInterface):
             if path
         }
         aff_metric, syn_metric, syn_sampling = METRICS[self.inputs.metric]
+        for stale in Path(runtime.cwd).glob("xfm_*"):  # antspyx lists outputs by prefix glob
+            stale.unlink()
         try:
             result = ants.registration(
                 fixed,

@@ -1,0 +1,186 @@
+"""The real CLI on real NIfTI datasets: participant -> group -> participant, and resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TEMPLATE = "MNI152NLin2009aSym"
+
+
+def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "bids_harmony", *map(str, args)],
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_bids: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Run the three steps once; the tests below inspect what they left."""
+    out = tmp_path_factory.mktemp("e2e") / "out"
+    before = _tree_digest(demo_bids)
+    common = ["--resolution", "2", "--nprocs", "2"]
+    first = _cli(demo_bids, out, "participant", *common)
+    group = _cli(demo_bids, out, "group", *common, "--method", "histmatch",
+                 "--target-site", "SiemensTrio3T")
+    final = _cli(demo_bids, out, "participant", *common, "--output-spaces", "template", "T1w")
+    return {"out": out, "bids": demo_bids, "before": before, "first": first, "group": group,
+            "final": final}
+
+
+def _raw_images(bids: Path) -> list[Path]:
+    return sorted(bids.glob("sub-*/ses-*/anat/*.nii.gz"))
+
+
+def _derivative(out: Path, raw: Path, entities: str, suffix: str | None = None) -> Path:
+    stem, raw_suffix = raw.name.split(".")[0].rsplit("_", 1)
+    folder = out / raw.relative_to(raw.parents[3]).parent
+    return folder / f"{stem}_{entities}_{suffix or raw_suffix}.nii.gz"
+
+
+def test_preprocessing_outputs(demo_run: dict) -> None:
+    out, bids = demo_run["out"], demo_run["bids"]
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert description["GeneratedBy"][0]["Name"] == "bids_harmony"
+    assert "no fitted 'histmatch' model" in demo_run["first"].stderr
+    sites = (out / "sites.tsv").read_text().splitlines()
+    assert sites[0].split("\t") == ["site", "suffix", "count", "found_in"]
+    assert len(sites) == 1 + 3 * 2
+    for raw in _raw_images(bids):
+        preproc = _derivative(out, raw, f"space-{TEMPLATE}_desc-preproc")
+        mask = _derivative(out, raw, f"space-{TEMPLATE}_desc-brain", "mask")
+        edges = _derivative(out, raw, f"space-{TEMPLATE}_desc-edges", "mask")
+        data = np.asarray(nb.load(preproc).dataobj)
+        inside = np.asarray(nb.load(mask).dataobj) > 0
+        assert data.shape == (99, 117, 95)
+        assert 0.0 <= data.min() and data.max() <= 1.0
+        assert np.all(data[~inside] == 0)
+        assert 0.2 < inside.mean() < 0.45
+        sidecar = json.loads(preproc.with_suffix("").with_suffix(".json").read_text())
+        assert sidecar["Sources"] == [f"bids:raw:{raw.relative_to(bids).as_posix()}"]
+        assert sidecar["SkullStripped"] is True  # the demo is brain-only: passed through
+        assert sidecar["Template"] == TEMPLATE
+        lower, upper = sidecar["NormalizationValues"]
+        assert lower < upper
+        edge_meta = json.loads(edges.with_suffix("").with_suffix(".json").read_text())
+        edge_data = np.asarray(nb.load(edges).dataobj)
+        assert set(np.unique(edge_data)) <= {0, 1}
+        assert edge_meta["EdgeRatio"] == pytest.approx(edge_data.sum() / inside.sum(), abs=0.005)
+        assert edge_meta["EdgeRatio"] == pytest.approx(0.08, abs=0.01)
+        assert edge_meta["EdgeThreshold"] > 0
+        stem = raw.name.split(".")[0].rsplit("_", 1)
+        xfm = preproc.parent / f"{stem[0]}_from-{stem[1]}_to-{TEMPLATE}_mode-image_xfm.h5"
+        assert xfm.is_file()
+
+
+def test_registration_aligns_traveling_subject(demo_run: dict) -> None:
+    """The same anatomy from two sites lands on the same template voxels."""
+    out, bids = demo_run["out"], demo_run["bids"]
+    raws = [r for r in _raw_images(bids) if "sub-01" in r.name and r.name.endswith("T1w.nii.gz")]
+    masks = [np.asarray(nb.load(_derivative(out, r, f"space-{TEMPLATE}_desc-brain", "mask"))
+                        .dataobj) > 0 for r in raws]
+    for other in masks[1:]:
+        dice = 2 * (masks[0] & other).sum() / (masks[0].sum() + other.sum())
+        assert dice > 0.9
+
+
+def test_group_level_fits_and_reports(demo_run: dict) -> None:
+    out = demo_run["out"]
+    model = out / "models" / "histmatch_SiemensTrio3T"
+    card = json.loads((model / "model_card.json").read_text())
+    assert card["method"] == "histmatch" and card["target_site"] == "SiemensTrio3T"
+    assert card["training"]["n_images"] == 12 and len(card["training"]["checksum"]) == 64
+    assert (model / "state.npz").is_file()
+    for suffix in ("T1w", "T2w"):
+        lines = (out / f"group_{suffix}.tsv").read_text().splitlines()
+        header = lines[0].split("\t")
+        rows = [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+        assert len(rows) == 6
+        sources = [r for r in rows if r["is_target"] == "False"]
+        assert len(sources) == 4
+        for row in sources:
+            assert 0.8 < float(row["structural_ssim"]) <= 1.0
+            assert float(row["wd_vs_target"]) < float(row["wd_source_vs_target"])
+        gain = np.mean([float(r["paired_psnr_after"]) - float(r["paired_psnr_before"])
+                        for r in sources])
+        assert gain > 0.5, f"{suffix}: histogram matching should raise paired PSNR"
+        assert (out / f"group_{suffix}_histograms.png").stat().st_size > 10_000
+    summary = json.loads((out / "group_summary.json").read_text())
+    assert set(summary["by_sequence"]) == {"T1w", "T2w"}
+
+
+def test_harmonized_outputs_and_sidecars(demo_run: dict) -> None:
+    out, bids = demo_run["out"], demo_run["bids"]
+    card = out / "models" / "histmatch_SiemensTrio3T" / "model_card.json"
+    checksum = "sha256:" + hashlib.sha256(card.read_bytes()).hexdigest()
+    for raw in _raw_images(bids):
+        harmonized = _derivative(out, raw, f"space-{TEMPLATE}_desc-harmonized")
+        meta = json.loads(harmonized.with_suffix("").with_suffix(".json").read_text())
+        assert meta["HarmonizationMethod"] == "histmatch"
+        assert meta["TargetSite"] == "SiemensTrio3T"
+        assert meta["ModelChecksum"] == checksum
+        assert 0.8 < meta["QC"]["structural_ssim"] <= 1.0
+        assert 0.8 < meta["QC"]["ncc_vs_source"] <= 1.0
+        native = _derivative(out, raw, "desc-harmonized")
+        raw_img, native_img = nb.load(raw), nb.load(native)
+        assert native_img.shape == raw_img.shape
+        assert np.allclose(native_img.affine, raw_img.affine, atol=1e-4)
+        assert np.isfinite(np.asarray(native_img.dataobj)).all()
+
+
+def test_input_untouched_and_resume(demo_run: dict) -> None:
+    out, bids = demo_run["out"], demo_run["bids"]
+    assert _tree_digest(bids) == demo_run["before"]
+    harmonized = sorted(out.glob("sub-*/ses-*/anat/*desc-harmonized_T1w.nii.gz"))
+    stamps = [p.stat().st_mtime_ns for p in harmonized]
+    again = _cli(bids, out, "participant", "--resolution", "2", "--output-spaces",
+                 "template", "T1w", "-v")
+    assert "12 of 12 images already complete" in again.stderr
+    assert [p.stat().st_mtime_ns for p in harmonized] == stamps
+    assert not list(out.glob(".staging/*/sub-*"))
+
+
+def test_real_ixi_head(ixi_dir: Path, tmp_path: Path) -> None:
+    """A real head with skull: deepbet extracts the brain and the whole path runs."""
+    from bids_harmony.data.demo import generate_demo_dataset
+
+    bids = generate_demo_dataset(tmp_path / "bids", n_subjects=1, n_sites=2, anatomy="ixi",
+                                 ixi_dir=ixi_dir, seed=3)
+    out = tmp_path / "out"
+    _cli(bids, out, "group", "--resolution", "2", "--nprocs", "2")
+    _cli(bids, out, "participant", "--resolution", "2", "--nprocs", "2")
+    template_brain = np.asarray(nb.load(
+        out / ".bids_harmony_work" / "templateflow" / f"tpl-{TEMPLATE}"
+        / f"tpl-{TEMPLATE}_res-02_desc-brain_T1w.nii.gz").dataobj)
+    for raw in _raw_images(bids):
+        preproc = _derivative(out, raw, f"space-{TEMPLATE}_desc-preproc")
+        meta = json.loads(preproc.with_suffix("").with_suffix(".json").read_text())
+        assert meta["SkullStripped"] is False
+        data = np.asarray(nb.load(preproc).dataobj)
+        brain = template_brain > 0
+        assert np.corrcoef(data[brain], template_brain[brain])[0, 1] > 0.6
+        mask = np.asarray(nb.load(_derivative(out, raw, f"space-{TEMPLATE}_desc-brain",
+                                              "mask")).dataobj) > 0
+        dice = 2 * (mask & brain).sum() / (mask.sum() + brain.sum())
+        assert dice > 0.85
+        assert _derivative(out, raw, f"space-{TEMPLATE}_desc-harmonized").is_file()
