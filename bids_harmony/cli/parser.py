@@ -57,7 +57,6 @@ def build_parser() -> BIDSAppArgumentParser:
             "to MNI, percentile normalisation, 3D Canny edges) and applies a fitted harmonizer; "
             "'group' fits the harmonizer on all preprocessed images and writes group QC."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("bids_dir", help="root of the input BIDS dataset (never written to)")
     parser.add_argument("output_dir", help="where derivatives are written")
@@ -78,51 +77,55 @@ def build_parser() -> BIDSAppArgumentParser:
 
     sites = parser.add_argument_group("sites")
     sites.add_argument("--site-column", default="site",
-                       help="column of sessions.tsv / participants.tsv that names the site")
+                       help="column of sessions.tsv / participants.tsv that names the site "
+                            "(default: %(default)s)")
     sites.add_argument("--site-map", metavar="FILE.tsv", default=None,
                        help="TSV with participant_id[, session_id], site; overrides the tables")
     sites.add_argument("--target-site", default="auto", metavar="SITE|auto|unified",
-                       help="site whose style the harmonized images take; auto = the most "
-                            "homogeneous site; unified = pooled reference of all sites")
+                       help="site whose style the harmonized images take; auto (default) = the "
+                            "most homogeneous site; unified = pooled reference of all sites")
 
     harmony = parser.add_argument_group("harmonization")
     harmony.add_argument("--method", choices=sorted(HARMONIZERS), default="histmatch",
-                         help="harmonizer")
+                         help="harmonizer (default: %(default)s)")
     harmony.add_argument("--model", metavar="DIR", default=None,
                          help="a fitted harmonizer (default: the one the group level saved "
                               "under OUTPUT_DIR/models/)")
     harmony.add_argument("--device", type=_device, default="auto",
-                         help="auto, cpu, cuda or cuda:N (learned harmonizers)")
+                         help="auto (default), cpu, cuda or cuda:N (learned harmonizers)")
 
     preproc = parser.add_argument_group("preprocessing")
     preproc.add_argument("--template", default=None,
                          help="TemplateFlow template (default MNI152NLin2009cAsym when "
                               "available, else the bundled MNI152NLin2009aSym)")
     preproc.add_argument("--resolution", type=int, choices=[1, 2], default=1,
-                         help="template grid spacing in mm")
+                         help="template grid spacing in mm (default: %(default)s)")
     preproc.add_argument("--output-spaces", nargs="+", default=["template"],
                          metavar="SPACE",
-                         help="'template' (or its name) and/or T1w (native grid of each image)")
+                         help="'template' (default; or its name) and/or T1w (also resample to "
+                              "each image's native grid)")
     preproc.add_argument("--registration", choices=["affine", "syn"], default="affine",
-                         help="rigid + affine, or rigid + affine + SyN")
+                         help="rigid + affine (default), or rigid + affine + SyN")
     preproc.add_argument("--skull-stripped", nargs="?", const="yes", default="auto",
                          choices=["auto", "yes", "no"],
-                         help="whether inputs are already brain-extracted (auto detects)")
+                         help="whether inputs are already brain-extracted (default auto: "
+                              "detect; the bare flag means yes)")
     preproc.add_argument("--edge-ratio", type=_ratio, default=0.08,
-                         help="fraction of brain voxels the 3D Canny edge map keeps (threshold searched per "
-                              "image, as in BlindHarmonyDiff)")
-    preproc.add_argument("--seed", type=int, default=42, help="random seed")
+                         help="fraction of brain voxels the 3D Canny edge map keeps, threshold "
+                              "searched per image as in BlindHarmonyDiff (default: %(default)s)")
+    preproc.add_argument("--seed", type=int, default=42,
+                         help="random seed (default: %(default)s)")
 
     perf = parser.add_argument_group("performance and bookkeeping")
     perf.add_argument("-w", "--work-dir", default=None,
                       help="working directory (default: OUTPUT_DIR/.bids_harmony_work)")
     perf.add_argument("--nprocs", type=_positive_int, default=1,
-                      help="parallel processes")
+                      help="parallel processes (default: %(default)s)")
     perf.add_argument("--omp-nthreads", type=_positive_int, default=1,
-                      help="threads per process (N4, registration)")
+                      help="threads per process for registration (default: %(default)s)")
     perf.add_argument("--mem-gb", type=float, default=None, help="memory limit in GB")
     perf.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                      help="skip images whose outputs already exist")
+                      help="skip images whose outputs already exist (default: on)")
     perf.add_argument("-v", "--verbose", action="count", default=0,
                       help="more logging (repeat for debug)")
     return parser

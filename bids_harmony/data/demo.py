@@ -18,8 +18,11 @@ A simulated scanner changes an image the way real scanners do, in this order:
    int16 with a NIfTI scl_slope as Philips exports are, or uint8);
 3. blur: an anisotropic Gaussian along one axis for thick slices;
 4. a smooth multiplicative bias field (second-order polynomial, site-specific shape);
-5. Rician noise (magnitude of complex Gaussian noise), so the background is not zero;
-6. storage orientation: one site writes LPS instead of RAS so reorientation is exercised.
+5. Rician noise (magnitude of complex Gaussian noise);
+6. storage orientation: one site writes LPS instead of RAS so reorientation is exercised;
+7. for MNI anatomy only, a skull-stripped release: voxels more than one voxel outside the
+   brain are set to 0, as shared datasets distribute brain-extracted images, so the
+   pipeline's detection of skull-stripped input is exercised (IXI heads keep skull and noise).
 
 Steps 1-2 alone give the per-session ground truth in ``derivatives/demo-truth``; the raw image
 adds 3-6. Site parameters are fixed constants (not drawn from the seed) so a site means the
@@ -570,6 +573,7 @@ def _write_dataset(
     for subject_index, subject in enumerate(subjects):
         prefix = f"sub-{subject.label}"
         truth_anat = truth_root / prefix / "anat"
+        released_mask = ndimage.binary_dilation(subject.brain_mask, iterations=1)
         _save_nifti(
             subject.brain_mask.astype(np.uint8),
             subject.affine,
@@ -604,6 +608,8 @@ def _write_dataset(
                     [seed, 1, subject_index, site_index, sequence_index]
                 )
                 acquired = _acquire(site_truth, subject.brain_mask, site, noise_rng)
+                if anatomy == "mni":
+                    acquired = np.where(released_mask, acquired, 0).astype(acquired.dtype)
                 stored, stored_affine = _reorient(acquired, subject.affine, site.orientation)
                 raw_anat = root / prefix / session / "anat"
                 _save_nifti(
