@@ -134,3 +134,18 @@ def test_config_snapshot_is_written(tmp_path: Path, demo_bids: Path,
     assert config["analysis_level"] == "participant"
     assert config["bids_dir"] == str(demo_bids)
     assert json.loads((demo_bids / "dataset_description.json").read_text())["DatasetType"] == "raw"
+
+
+def test_readme_documents_every_option() -> None:
+    """README, --help and the parser must not drift apart."""
+    from bids_harmony.cli.parser import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    parser = build_parser()
+    for action in parser._actions:
+        long_flags = [f for f in action.option_strings if f.startswith("--") and "_" not in f]
+        if not long_flags or long_flags[0] == "--help":
+            continue
+        assert any(flag in readme for flag in long_flags), f"{long_flags[0]} not in README"
+    for name in parser._option_string_actions["--method"].choices:
+        assert f"`{name}`" in readme
