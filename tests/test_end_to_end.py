@@ -51,6 +51,10 @@ def _raw_images(bids: Path) -> list[Path]:
     return sorted(bids.glob("sub-*/ses-*/anat/*.nii.gz"))
 
 
+def _mask_desc(kind: str, raw: Path) -> str:
+    return kind if raw.name.endswith("_T1w.nii.gz") else kind + raw.name.split("_")[-1][:-7]
+
+
 def _derivative(out: Path, raw: Path, entities: str, suffix: str | None = None) -> Path:
     stem, raw_suffix = raw.name.split(".")[0].rsplit("_", 1)
     folder = out / raw.relative_to(raw.parents[3]).parent
@@ -68,8 +72,8 @@ def test_preprocessing_outputs(demo_run: dict) -> None:
     assert len(sites) == 1 + 3 * 2
     for raw in _raw_images(bids):
         preproc = _derivative(out, raw, f"space-{TEMPLATE}_desc-preproc")
-        mask = _derivative(out, raw, f"space-{TEMPLATE}_desc-brain", "mask")
-        edges = _derivative(out, raw, f"space-{TEMPLATE}_desc-edges", "mask")
+        mask = _derivative(out, raw, f"space-{TEMPLATE}_desc-{_mask_desc('brain', raw)}", "mask")
+        edges = _derivative(out, raw, f"space-{TEMPLATE}_desc-{_mask_desc('edges', raw)}", "mask")
         data = np.asarray(nb.load(preproc).dataobj)
         inside = np.asarray(nb.load(mask).dataobj) > 0
         assert data.shape == (99, 117, 95)

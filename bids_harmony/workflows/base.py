@@ -26,6 +26,13 @@ LOGGER = logging.getLogger("bids_harmony")
 REFERENCE_SUFFIX = "T1w"
 
 
+def mask_desc(kind: str, image: AnatImage) -> str:
+    """``desc`` label of a mask derived from ``image``: ``brain`` / ``edges`` for the T1w
+    (the names sMRIPrep users expect), ``brainT2w`` / ``edgesT2w`` for other sequences, since
+    a session's T1w and T2w masks would otherwise share one file name."""
+    return kind if image.suffix == REFERENCE_SUFFIX else f"{kind}{image.suffix}"
+
+
 def derivative_path(output_dir: Path, image: AnatImage, space: str | None, desc: str,
                     suffix: str | None = None, extension: str = ".nii.gz") -> Path:
     """Where the sink writes a derivative of ``image`` (entities keep the BIDS order)."""
@@ -43,7 +50,8 @@ def expected_outputs(config: RunConfig, image: AnatImage, template: TemplateFile
     out = config.output_dir
     paths = [
         derivative_path(out, image, template.name, "preproc", extension=".json"),
-        derivative_path(out, image, template.name, "edges", "mask", ".json"),
+        derivative_path(out, image, template.name, mask_desc("brain", image), "mask", ".json"),
+        derivative_path(out, image, template.name, mask_desc("edges", image), "mask", ".json"),
     ]
     if harmonize:
         paths.append(derivative_path(out, image, template.name, "harmonized", extension=".json"))
@@ -118,12 +126,14 @@ def _connect_derivatives(
     }
     ds_preproc = _sink(f"{prefix}_ds_preproc", space=template.name, desc="preproc",
                        suffix=image.suffix, **common)
-    ds_mask = _sink(f"{prefix}_ds_mask", space=template.name, desc="brain", suffix="mask",
+    ds_mask = _sink(f"{prefix}_ds_mask", space=template.name, desc=mask_desc("brain", image),
+                    suffix="mask",
                     meta_dict={"Sources": sources, "Type": "Brain"}, **common)
     edge_meta = pe.Node(niu.Function(function=_edge_metadata, output_names=["meta"]),
                         name=f"{prefix}_edge_meta", run_without_submitting=True)
     edge_meta.inputs.sources = sources
-    ds_edges = _sink(f"{prefix}_ds_edges", space=template.name, desc="edges", suffix="mask",
+    ds_edges = _sink(f"{prefix}_ds_edges", space=template.name, desc=mask_desc("edges", image),
+                     suffix="mask",
                      **common)
     to_h5 = pe.Node(CompositeTransform(), name=f"{prefix}_fwd_xfm")
     ds_xfm = _sink(f"{prefix}_ds_xfm", suffix="xfm", extension=".h5", mode="image",

@@ -25,7 +25,7 @@ from bids_harmony.errors import InputMissingError
 from bids_harmony.harmonizers import HARMONIZERS, Harmonizer, Volume
 from bids_harmony.metrics import harmonization_qc
 from bids_harmony.metrics.similarity import pearson, psnr, ssim
-from bids_harmony.workflows.base import derivative_path
+from bids_harmony.workflows.base import derivative_path, mask_desc
 
 LOGGER = logging.getLogger("bids_harmony")
 
@@ -33,7 +33,8 @@ LOGGER = logging.getLogger("bids_harmony")
 def load_preprocessed(config: RunConfig, image: AnatImage, template: TemplateFiles) -> Volume:
     """Read the ``desc-preproc`` image and its brain mask from the output directory."""
     data_path = derivative_path(config.output_dir, image, template.name, "preproc")
-    mask_path = derivative_path(config.output_dir, image, template.name, "brain", "mask")
+    mask_path = derivative_path(config.output_dir, image, template.name,
+                                mask_desc("brain", image), "mask")
     for path in (data_path, mask_path):
         if not path.is_file():
             raise InputMissingError(
