@@ -23,9 +23,12 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bids_harmony.errors import DataError, EmptySelectionError, InputMissingError, ValidationError
+
+if TYPE_CHECKING:
+    from bids import BIDSLayout
 
 ANATOMICAL_SUFFIXES = ("T1w", "T2w", "PDw", "T2starw", "FLAIR", "T1rho", "PDT2", "inplaneT1")
 SCANNER_FIELDS = (
@@ -53,7 +56,7 @@ class AnatImage:
 
 
 def sanitize_label(text: str) -> str:
-    """Make a BIDS-safe label (alphanumerics only): ``Siemens TrioTim 3T`` -> ``SiemensTrioTim3T``."""
+    """A BIDS-safe label (alphanumerics): ``Siemens TrioTim 3T`` -> ``SiemensTrioTim3T``."""
     words = re.split(r"[^0-9A-Za-z.]+", text)
     label = "".join(w[:1].upper() + w[1:] for w in words if w).replace(".", "p")
     return label
@@ -87,7 +90,7 @@ def validate_bids(bids_dir: Path) -> None:
                 )
 
 
-def build_layout(bids_dir: Path, work_dir: Path) -> "BIDSLayout":  # noqa: F821
+def build_layout(bids_dir: Path, work_dir: Path) -> BIDSLayout:
     """A pybids layout whose database is cached in the work directory.
 
     The cache is keyed by the dataset's listing (names, sizes, mtimes), so an edited dataset
@@ -109,7 +112,7 @@ def build_layout(bids_dir: Path, work_dir: Path) -> "BIDSLayout":  # noqa: F821
 
 
 def collect_images(
-    layout: "BIDSLayout",  # noqa: F821
+    layout: BIDSLayout,
     *,
     participants: Sequence[str] = (),
     sessions: Sequence[str] = (),

@@ -12,6 +12,7 @@ import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bids_harmony.errors import (
     ExitCode,
@@ -20,6 +21,11 @@ from bids_harmony.errors import (
     OutputError,
     UsageError,
 )
+
+if TYPE_CHECKING:
+    import argparse
+
+    from bids_harmony.config import RunConfig
 
 LOGGER = logging.getLogger("bids_harmony")
 
@@ -51,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     return int(ExitCode.OK)
 
 
-def build_config(args: object) -> "RunConfig":  # noqa: F821
+def build_config(args: argparse.Namespace) -> RunConfig:
     """Check paths and labels at the boundary and freeze them into a ``RunConfig``."""
     from bids_harmony.config import AnalysisLevel, Registration, RunConfig, SkullStripped
 

@@ -20,8 +20,8 @@ A simulated scanner changes an image the way real scanners do, in this order:
 4. a smooth multiplicative bias field (second-order polynomial, site-specific shape);
 5. Rician noise (magnitude of complex Gaussian noise);
 6. storage orientation: one site writes LPS instead of RAS so reorientation is exercised;
-7. for MNI anatomy only, a skull-stripped release: voxels more than one voxel outside the
-   brain are set to 0, as shared datasets distribute brain-extracted images, so the
+7. for MNI anatomy only, a skull-stripped release: voxels outside the brain mask are set
+   to 0, as shared datasets distribute brain-extracted images, so the
    pipeline's detection of skull-stripped input is exercised (IXI heads keep skull and noise).
 
 Steps 1-2 alone give the per-session ground truth in ``derivatives/demo-truth``; the raw image
@@ -378,13 +378,14 @@ def _random_warp_coordinates(shape: tuple[int, ...], rng: np.random.Generator) -
     """Voxel coordinates to sample for one subject's deformed anatomy.
 
     A similarity transform about the grid centre (rotation up to 4° per axis, isotropic scale
-    0.92-1.08 with up to 3 % extra per axis, shift up to 3 mm) plus a smooth displacement:
+    0.95-1.05 with up to 2 % extra per axis, i.e. brain volumes within about ±20 % of the
+    template's, as in healthy adults; shift up to 3 mm) plus a smooth displacement:
     Gaussian noise on a 4x coarser grid, smoothed with sigma 1.5 coarse voxels (12 mm),
     upsampled trilinearly and rescaled to a 3 mm (1.5 voxel) maximum, so gyri move but
     topology is kept. Smoothing on the coarse grid is what keeps this fast.
     """
     angles = np.deg2rad(rng.uniform(-4.0, 4.0, size=3))
-    scales = rng.uniform(0.92, 1.08) * rng.uniform(0.97, 1.03, size=3)
+    scales = rng.uniform(0.95, 1.05) * rng.uniform(0.98, 1.02, size=3)
     shift_voxels = rng.uniform(-1.5, 1.5, size=3)
     cx, cy, cz = np.cos(angles)
     sx, sy, sz = np.sin(angles)
@@ -573,7 +574,6 @@ def _write_dataset(
     for subject_index, subject in enumerate(subjects):
         prefix = f"sub-{subject.label}"
         truth_anat = truth_root / prefix / "anat"
-        released_mask = ndimage.binary_dilation(subject.brain_mask, iterations=1)
         _save_nifti(
             subject.brain_mask.astype(np.uint8),
             subject.affine,
@@ -609,7 +609,7 @@ def _write_dataset(
                 )
                 acquired = _acquire(site_truth, subject.brain_mask, site, noise_rng)
                 if anatomy == "mni":
-                    acquired = np.where(released_mask, acquired, 0).astype(acquired.dtype)
+                    acquired = np.where(subject.brain_mask, acquired, 0).astype(acquired.dtype)
                 stored, stored_affine = _reorient(acquired, subject.affine, site.orientation)
                 raw_anat = root / prefix / session / "anat"
                 _save_nifti(

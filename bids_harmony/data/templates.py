@@ -14,8 +14,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bids_harmony.errors import TemplateNotFoundError
+
+if TYPE_CHECKING:
+    import nibabel as nb
 
 LOGGER = logging.getLogger("bids_harmony")
 
@@ -60,7 +64,7 @@ def resolve_template(
     """
     requested = name or DEFAULT_TEMPLATE
     if requested == BUNDLED_TEMPLATE:
-        return bundled_template(resolution, work_dir / "templateflow")
+        return bundled_template(resolution, _bundled_home(resolution, work_dir))
     found = _from_templateflow_home(requested, resolution)
     if found is not None:
         return found
@@ -70,7 +74,7 @@ def resolve_template(
             "from nilearn) instead; outputs say space-%s",
             DEFAULT_TEMPLATE, BUNDLED_TEMPLATE, BUNDLED_TEMPLATE,
         )
-        return bundled_template(resolution, work_dir / "templateflow")
+        return bundled_template(resolution, _bundled_home(resolution, work_dir))
     if allow_download:
         found = _download(requested, resolution)
         if found is not None:
@@ -91,6 +95,17 @@ def bundled_template(resolution: int, home: Path) -> TemplateFiles:
     if not (brain.is_file() and mask.is_file()):
         _write_bundled(folder, resolution)
     return TemplateFiles(BUNDLED_TEMPLATE, resolution, brain, mask, "bundled")
+
+
+def _bundled_home(resolution: int, work_dir: Path) -> Path:
+    """TEMPLATEFLOW_HOME when the bundled template was pre-built there (the container image
+    does so at build time, so runs write nothing), else the work directory."""
+    folder = _templateflow_home() / f"tpl-{BUNDLED_TEMPLATE}"
+    prefix = f"tpl-{BUNDLED_TEMPLATE}_res-{resolution:02d}"
+    if all(_non_empty(folder / f"{prefix}_{name}.nii.gz")
+           for name in ("desc-brain_T1w", "desc-brain_mask")):
+        return _templateflow_home()
+    return work_dir / "templateflow"
 
 
 def _write_bundled(folder: Path, resolution: int) -> None:
@@ -173,11 +188,9 @@ def _non_empty(path: Path) -> bool:
     return path.is_file() and path.stat().st_size > 0
 
 
-def _atomic_save(image: "nb.Nifti1Image", path: Path) -> None:  # noqa: F821
-    import nibabel as nb
-
+def _atomic_save(image: nb.Nifti1Image, path: Path) -> None:
     partial = path.with_name(f".{path.name}.{os.getpid()}.nii.gz")
-    nb.save(image, partial)
+    image.to_filename(partial)
     partial.replace(path)
 
 

@@ -53,10 +53,11 @@ def init_anat_preproc_wf(
     workflow.__desc__ = (
         "Each image was reoriented to RAS+, corrected for intensity non-uniformity with N4 "
         "(SimpleITK), brain-extracted with deepbet (or passed through when already "
-        "skull-stripped), registered to the {tpl} template ({reg}, antspyx) and normalised "
-        "to [0, 1] between the 1st and 99th brain percentiles; a 3D Canny edge map was "
-        "thresholded per image to keep {ratio:.0%} of brain voxels (BlindHarmonyDiff)."
-    ).format(tpl=template.name, reg=registration, ratio=edge_ratio)
+        f"skull-stripped), registered to the {template.name} template ({registration}, "
+        "antspyx) and normalised to [0, 1] between the 1st and 99th brain percentiles; a 3D "
+        f"Canny edge map was thresholded per image to keep {edge_ratio:.0%} of brain voxels "
+        "(BlindHarmonyDiff)."
+    )
     inputnode = pe.Node(
         niu.IdentityInterface(fields=["in_file", "reference_brain", "reference_transforms",
                                       "reference_inverse", "reference_invert_flags"]),

@@ -25,6 +25,7 @@ from bids_harmony.errors import InputMissingError
 from bids_harmony.harmonizers import HARMONIZERS, Harmonizer, Volume
 from bids_harmony.metrics import harmonization_qc
 from bids_harmony.metrics.similarity import pearson, psnr, ssim
+from bids_harmony.reports import GroupImages, write_reports
 from bids_harmony.workflows.base import derivative_path, mask_desc
 
 LOGGER = logging.getLogger("bids_harmony")
@@ -71,6 +72,8 @@ def fit_and_report(config: RunConfig, images: Sequence[AnatImage],
     summary = _summary(rows, harmonizer)
     atomic_write_text(config.output_dir / "group_summary.json",
                       json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_reports(config.output_dir, config.bids_dir, template.name,
+                  GroupImages(images, volumes, harmonized, rows), harmonizer)
     return model_dir
 
 
