@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,22 +30,23 @@ class AtomicDerivativesDataSink(DerivativesDataSink):
 
     def _run_interface(self, runtime: Any) -> Any:
         final_base = Path(self.inputs.base_directory)
-        staging = final_base / STAGING / str(os.getpid())
-        staging.mkdir(parents=True, exist_ok=True)
+        (final_base / STAGING).mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=final_base / STAGING))
         self.inputs.base_directory = str(staging)
         try:
             runtime = super()._run_interface(runtime)
+            for key in ("out_file", "out_meta"):
+                moved = []
+                for staged in _as_list(self._results.get(key)):
+                    final = final_base / Path(staged).relative_to(staging)
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(staged, final)
+                    moved.append(str(final))
+                if moved:
+                    self._results[key] = moved if len(moved) > 1 else moved[0]
         finally:
             self.inputs.base_directory = str(final_base)
-        for key in ("out_file", "out_meta"):
-            moved = []
-            for staged in _as_list(self._results.get(key)):
-                final = final_base / Path(staged).relative_to(staging)
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(staged, final)
-                moved.append(str(final))
-            if moved:
-                self._results[key] = moved if len(moved) > 1 else moved[0]
+            shutil.rmtree(staging, ignore_errors=True)
         return runtime
 
 

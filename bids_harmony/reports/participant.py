@@ -1,0 +1,134 @@
+"""``OUTPUT_DIR/sub-<label>.html``: what harmonization did to each of a participant's images.
+
+Per image: a mosaic in three planes (rows: source, harmonized, the Canny edge map of the
+source over the harmonized image, harmonized minus source) and its QC numbers with traffic
+lights (thresholds in :mod:`bids_harmony.reports.evaluation`). Rendered from the arrays the
+group level holds, so the pages exist before the participant level writes any harmonized file.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bids_harmony.bids.derivatives import atomic_write_text
+from bids_harmony.reports.evaluation import AMBER_BELOW, FLAGGED_MEASURES, RED_BELOW, GroupImages
+from bids_harmony.reports.group import FIGURES, REPORT_NAME
+from bids_harmony.reports.html import figure, flag_dot, number, page, save_figure
+
+# Where in the brain's extent along each axis the three slices of a plane are cut.
+SLICE_FRACTIONS = (0.35, 0.5, 0.65)
+PLANES = (("sagittal", 0), ("coronal", 1), ("axial", 2))
+QC_COLUMNS = ("structural_ssim", "ncc_vs_source", "ssim_vs_source", "wd_source_vs_target",
+              "wd_vs_target", "paired_ssim_before", "paired_ssim_after", "paired_psnr_before",
+              "paired_psnr_after")
+
+
+def write_participant_pages(output_dir: Path, group: GroupImages,
+                            edges: Sequence[np.ndarray],
+                            rows: Sequence[Mapping[str, Any]]) -> list[Path]:
+    """One page per participant; ``rows`` are the evaluated per-image rows (with flags)."""
+    (output_dir / FIGURES).mkdir(parents=True, exist_ok=True)
+    by_subject: dict[str, list[int]] = {}
+    for index, image in enumerate(group.images):
+        by_subject.setdefault(image.subject, []).append(index)
+    pages = []
+    for subject, indices in sorted(by_subject.items()):
+        sections = []
+        for index in sorted(indices, key=lambda i: group.images[i].key):
+            image = group.images[index]
+            mosaic = f"{FIGURES}/{image.key}_mosaic.png"
+            _plot_mosaic(output_dir / mosaic, group.volumes[index].data,
+                         group.harmonized[index], edges[index], group.volumes[index].mask,
+                         title=f"{image.key} ({image.site})")
+            sections.append(_image_section(image.key, image.site, rows[index], mosaic))
+        body = "\n".join([
+            f"<h1>sub-{html.escape(subject)}</h1>",
+            f"<p><a href=\"{REPORT_NAME}\">group report</a></p>",
+            f"<p class=\"note\">Traffic lights: red when a measure of structure kept (structural "
+            f"SSIM, NCC vs the source) is below {RED_BELOW}, amber below {AMBER_BELOW}, green "
+            "otherwise: a harmonizer should change intensities, not anatomy.</p>",
+            *sections,
+        ])
+        path = output_dir / f"sub-{subject}.html"
+        atomic_write_text(path, page(f"sub-{subject}: bids_harmony", body))
+        pages.append(path)
+    return pages
+
+
+def _image_section(key: str, site: str, row: Mapping[str, Any], mosaic: str) -> str:
+    cells = []
+    for column in QC_COLUMNS:
+        if column not in row:
+            continue
+        css = ""
+        if column in FLAGGED_MEASURES:
+            value = float(row[column])
+            css = "red" if value < RED_BELOW else "amber" if value < AMBER_BELOW else ""
+        cells.append((column, number(row[column]), css))
+    qc_table = "<table><tbody>" + "".join(
+        f"<tr><th class=\"text\">{name}</th>"
+        f"<td{f' class=flag-{css}' if css else ''}>{value}</td></tr>"
+        for name, value, css in cells) + "</tbody></table>"
+    return "\n".join([
+        f"<h2 id=\"{html.escape(key)}\">{html.escape(key)}</h2>",
+        f"<p>site {html.escape(site)}{' (target)' if row.get('is_target') else ''}; "
+        f"structure kept: {flag_dot(row['flag'])}</p>",
+        qc_table,
+        figure(mosaic, f"{key}: source, harmonized, edges, difference"),
+    ])
+
+
+def _plot_mosaic(path: Path, source: np.ndarray, harmonized: np.ndarray, edges: np.ndarray,
+                 mask: np.ndarray, title: str) -> None:
+    """Rows: source, harmonized, source edges (red) over harmonized, harmonized - source."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cuts = _slice_positions(mask)
+    difference = np.where(mask, harmonized - source, 0.0)
+    limit = max(float(np.abs(difference).max()), 1e-6)
+    n_columns = len(PLANES) * len(SLICE_FRACTIONS)
+    figure_, axes = plt.subplots(4, n_columns, figsize=(1.6 * n_columns, 7.2))
+    for column, (plane, axis_index, position) in enumerate(
+            (p, a, pos) for p, a in PLANES for pos in cuts[a]):
+        def cut(volume: np.ndarray, axis: int = axis_index, index: int = position) -> np.ndarray:
+            return np.take(volume, index, axis=axis).T
+
+        harmonized_slice = cut(harmonized)
+        edge_slice = np.ma.masked_equal(cut(edges.astype(np.uint8)), 0)
+        panels = axes[:, column]
+        panels[0].imshow(cut(source), cmap="gray", vmin=0, vmax=1, origin="lower")
+        panels[1].imshow(harmonized_slice, cmap="gray", vmin=0, vmax=1, origin="lower")
+        panels[2].imshow(harmonized_slice, cmap="gray", vmin=0, vmax=1, origin="lower")
+        panels[2].imshow(edge_slice, cmap="autumn", vmin=1, vmax=2, origin="lower",
+                         interpolation="nearest")
+        shown = panels[3].imshow(cut(difference), cmap="RdBu_r", vmin=-limit, vmax=limit,
+                                 origin="lower")
+        panels[0].set_title(f"{plane} {position}", fontsize=7)
+        for panel in panels:
+            panel.set_axis_off()
+    for row, label in enumerate(("source", "harmonized", "edges over harmonized",
+                                 "harmonized − source")):
+        axes[row, 0].text(-0.08, 0.5, label, transform=axes[row, 0].transAxes, rotation=90,
+                          ha="right", va="center", fontsize=8)
+    figure_.colorbar(shown, ax=list(axes[3]), shrink=0.8, pad=0.01)
+    figure_.suptitle(title, fontsize=9)
+    save_figure(figure_, path)
+
+
+def _slice_positions(mask: np.ndarray) -> dict[int, list[int]]:
+    """Per axis, the voxel indices at :data:`SLICE_FRACTIONS` of the brain's extent."""
+    positions = {}
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        present = np.flatnonzero(mask.any(axis=other))
+        low, high = (present[0], present[-1]) if present.size else (0, mask.shape[axis] - 1)
+        positions[axis] = [int(round(low + f * (high - low))) for f in SLICE_FRACTIONS]
+    return positions
