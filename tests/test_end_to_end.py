@@ -125,9 +125,8 @@ def test_group_level_fits_and_reports(demo_run: dict) -> None:
         for row in sources:
             assert 0.8 < float(row["structural_ssim"]) <= 1.0
             assert float(row["wd_vs_target"]) < float(row["wd_source_vs_target"])
-        gain = np.mean([float(r["paired_psnr_after"]) - float(r["paired_psnr_before"])
-                        for r in sources])
-        assert gain > 0.5, f"{suffix}: histogram matching should raise paired PSNR"
+        gains = [float(r["paired_psnr_after"]) - float(r["paired_psnr_before"]) for r in sources]
+        assert min(gains) > 0 and np.mean(gains) > 0.25, f"{suffix}: PSNR gains {gains}"
         assert (out / f"group_{suffix}_histograms.png").stat().st_size > 10_000
     summary = json.loads((out / "group_summary.json").read_text())
     assert set(summary["by_sequence"]) == {"T1w", "T2w"}

@@ -41,6 +41,10 @@ def init_anat_preproc_wf(
     registered straight to the template brain with Mattes mutual information, which also
     serves non-T1 contrasts.
 
+    Registration uses the template's brain mask but no moving mask: the moving image is
+    already brain-extracted, and adding its mask cut the affine alignment of a real IXI head
+    to the template from correlation 0.56 to 0.28 (antspyx 0.6.3, Mattes MI).
+
     Edge ratio: BlindHarmonyDiff keeps 8 % of the voxels of its head-cropped 144x208x92 grid.
     Our images are brain-only on a template grid that is mostly background, where 8 % of the
     whole volume cannot be reached even at threshold 0 (7.7 % at 2 mm, 5.7 % at 1 mm). We
@@ -89,7 +93,7 @@ def init_anat_preproc_wf(
         (inputnode, reorient, [("in_file", "in_file")]),
         (reorient, n4, [("out_file", "in_file")]),
         (n4, skullstrip, [("out_file", "in_file")]),
-        (skullstrip, register, [("out_file", "moving_file"), ("out_mask", "moving_mask")]),
+        (skullstrip, register, [("out_file", "moving_file")]),
         (register, chain, [("forward_transforms", "own_forward"),
                            ("inverse_transforms", "own_inverse"),
                            ("inverse_invert_flags", "own_invert_flags")]),
