@@ -175,15 +175,25 @@ def test_real_ixi_head(ixi_dir: Path, tmp_path: Path) -> None:
     template_brain = np.asarray(nb.load(
         out / ".bids_harmony_work" / "templateflow" / f"tpl-{TEMPLATE}"
         / f"tpl-{TEMPLATE}_res-02_desc-brain_T1w.nii.gz").dataobj)
+    brain = template_brain > 0
+    images, masks = [], []
     for raw in _raw_images(bids):
         preproc = _derivative(out, raw, f"space-{TEMPLATE}_desc-preproc")
         meta = json.loads(preproc.with_suffix("").with_suffix(".json").read_text())
         assert meta["SkullStripped"] is False
-        data = np.asarray(nb.load(preproc).dataobj)
-        brain = template_brain > 0
-        assert np.corrcoef(data[brain], template_brain[brain])[0, 1] > 0.6
-        mask = np.asarray(nb.load(_derivative(out, raw, f"space-{TEMPLATE}_desc-brain",
-                                              "mask")).dataobj) > 0
-        dice = 2 * (mask & brain).sum() / (mask.sum() + brain.sum())
-        assert dice > 0.85
         assert _derivative(out, raw, f"space-{TEMPLATE}_desc-harmonized").is_file()
+        images.append(np.asarray(nb.load(preproc).dataobj))
+        masks.append(np.asarray(nb.load(_derivative(out, raw, f"space-{TEMPLATE}_desc-brain",
+                                                    "mask")).dataobj) > 0)
+        # affine alignment to the template, whose contrast and anatomy differ: 0.49-0.57
+        # measured (0.13-0.30 when a moving mask spoiled the registration)
+        assert np.corrcoef(images[-1][brain], template_brain[brain])[0, 1] > 0.4
+        assert _dice(masks[-1], brain) > 0.9  # 0.955 measured, 0.80-0.85 with that bug
+    # the same head from two simulated scanners lands on the same voxels
+    assert _dice(masks[0], masks[1]) > 0.95
+    both = masks[0] & masks[1]
+    assert np.corrcoef(images[0][both], images[1][both])[0, 1] > 0.75  # 0.82 measured
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / (a.sum() + b.sum()))
