@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 import pytest
 
 from bids_harmony.errors import DataError
@@ -45,7 +46,9 @@ def test_segmentation_recovers_phantom_tissues(sequence: str) -> None:
     labels = segment_tissues(volume, sequence)
     assert set(np.unique(labels)) == {0, 1, 2, 3}
     assert np.all(labels[~mask] == 0)
-    for tissue, dice in tissue_dice(truth, labels).items():
+    inner = ndimage.binary_erosion(mask, iterations=1)
+    assert np.all(labels[mask & ~inner] == 0)  # the partial-volume rim stays unlabelled
+    for tissue, dice in tissue_dice(np.where(inner, truth, 0), labels).items():
         assert dice > 0.97, tissue
 
 
