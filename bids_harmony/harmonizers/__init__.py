@@ -13,6 +13,7 @@ from bids_harmony.harmonizers.base import (
     register,
 )
 from bids_harmony.harmonizers import histmatch, nyul, ssimh, whitestripe, zscore  # noqa: F401
+from bids_harmony.harmonizers import blindharmonydiff  # noqa: F401
 
 __all__ = ["HARMONIZERS", "Harmonizer", "Volume", "register", "load_harmonizer"]
 

@@ -1,0 +1,7 @@
+"""Neural-network backbones shared by the learned harmonizers."""
+
+from __future__ import annotations
+
+from bids_harmony.nn.unet import VelocityUNet
+
+__all__ = ["VelocityUNet"]
