@@ -329,3 +329,15 @@ def test_canny_reports_an_unreachable_ratio():
     cube[8:24, 8:24, 8:24] = 1.0
     edges, threshold = canny_edges_at_ratio(cube, ratio=0.5)
     assert threshold == 0.0 and edges.mean() < 0.5
+
+
+def test_canny_prefers_a_non_empty_map_across_a_cliff() -> None:
+    """A noise-free cube has one edge strength: its edges are all there or all gone, and a
+    ratio in between must not return an empty map."""
+    cube = np.zeros((32, 32, 32), dtype=np.float32)
+    cube[8:24, 8:24, 8:24] = 1.0
+    all_edges, _ = canny_edges_at_ratio(cube, ratio=0.5)
+    full_ratio = all_edges.mean()
+    edges, threshold = canny_edges_at_ratio(cube, ratio=full_ratio / 10)
+    assert edges.sum() > 0  # the cube's faces (4 % of voxels), not the empty map above them
+    assert threshold > 0 and edges.mean() < full_ratio

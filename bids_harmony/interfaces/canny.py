@@ -81,7 +81,9 @@ def canny_edges_at_ratio(
     ``'mask'`` by the mask's voxels. With a ``mask``, edges outside it are dropped before
     counting. When even threshold 0 yields fewer edges than asked (e.g. 8 % of a large field of
     view around a small brain), the result is threshold 0 and its lower ratio; callers should
-    report the achieved ratio.
+    report the achieved ratio. Edge counts can fall off a cliff as the threshold rises (the
+    hysteresis network vanishes at once); the closest *non-empty* map is kept, since an empty
+    map would leave an edge-conditioned model with no structure to follow.
     """
     if denominator not in ("volume", "mask"):
         raise ValueError(f"denominator must be 'volume' or 'mask', got {denominator!r}")
@@ -104,7 +106,8 @@ def canny_edges_at_ratio(
         if inside is not None:
             edges &= inside
         achieved = float(edges.sum()) / n_reference
-        if abs(achieved - ratio) < abs(best[1] - ratio):
+        # an empty map conditions nothing: it only wins when no threshold gives any edge
+        if achieved > 0 and abs(achieved - ratio) < abs(best[1] - ratio):
             best = (edges, achieved, upper)
         return achieved
 
