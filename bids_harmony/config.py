@@ -53,6 +53,7 @@ class RunConfig:
     site_column: str = "site"
     site_map: Path | None = None
     model: Path | None = None
+    preset: str = "fast"
     device: str = "auto"
     template: str | None = None
     resolution: int = 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from typing import NoReturn
 
 from bids_harmony import __version__
@@ -23,6 +24,21 @@ class BIDSAppArgumentParser(argparse.ArgumentParser):
         self.print_usage()
         code = ExitCode.UNKNOWN_LEVEL if "analysis_level" in message else ExitCode.USAGE
         self.exit(int(code), f"{self.prog}: error: {message}\n")
+
+
+class _PrintBoutiquesAction(argparse.Action):
+    """``--boutiques``: print the Boutiques descriptor generated from this parser, exit 0."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> NoReturn:
+        from bids_harmony.cli.boutiques import descriptor_json
+
+        sys.stdout.write(descriptor_json(parser))
+        parser.exit(0)
 
 
 def _device(value: str) -> str:
@@ -63,6 +79,8 @@ def build_parser() -> BIDSAppArgumentParser:
     parser.add_argument("analysis_level", choices=["participant", "group"],
                         help="processing stage")
     parser.add_argument("--version", action="version", version=f"bids_harmony {__version__}")
+    parser.add_argument("--boutiques", action=_PrintBoutiquesAction,
+                        help="print the Boutiques descriptor (descriptor.json) and exit")
 
     select = parser.add_argument_group("selecting data")
     select.add_argument("--participant-label", "--participant_label", nargs="+", default=[],
@@ -91,6 +109,10 @@ def build_parser() -> BIDSAppArgumentParser:
     harmony.add_argument("--model", metavar="DIR", default=None,
                          help="a fitted harmonizer (default: the one the group level saved "
                               "under OUTPUT_DIR/models/)")
+    harmony.add_argument("--preset", choices=["tiny", "fast", "paper"], default="fast",
+                         help="size of a learned harmonizer trained at the group level: tiny "
+                              "(tests, seconds on CPU), fast (one GPU), paper (the paper's "
+                              "scale) (default: %(default)s)")
     harmony.add_argument("--device", type=_device, default="auto",
                          help="auto (default), cpu, cuda or cuda:N (learned harmonizers)")
 

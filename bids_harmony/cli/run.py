@@ -103,6 +103,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         site_column=args.site_column,
         site_map=Path(args.site_map).resolve() if args.site_map else None,
         model=Path(args.model).resolve() if args.model else None,
+        preset=args.preset,
         device=args.device,
         template=args.template,
         resolution=args.resolution,

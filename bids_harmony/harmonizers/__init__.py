@@ -1,4 +1,5 @@
-"""Harmonizers behind one contract; importing this package fills the registry."""
+"""Harmonizers behind one contract; importing this package fills the registry (learned
+harmonizers are imported on first use)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from bids_harmony.harmonizers.base import (
     register,
 )
 from bids_harmony.harmonizers import histmatch, nyul, ssimh, whitestripe, zscore  # noqa: F401
-from bids_harmony.harmonizers import blindharmonydiff  # noqa: F401
+
+HARMONIZERS.add_lazy("blindharmonydiff", "bids_harmony.harmonizers.blindharmonydiff")
 
 __all__ = ["HARMONIZERS", "Harmonizer", "Volume", "register", "load_harmonizer"]
 

@@ -12,12 +12,13 @@ scikit-learn; ``transform`` and ``save`` before that raise :class:`NotFittedErro
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -69,6 +70,8 @@ class Harmonizer(ABC):
 
     name: ClassVar[str]
     supports_unified: ClassVar[bool] = True
+    #: Size presets of a learned harmonizer (``--preset``); classical ones have none.
+    presets: ClassVar[tuple[str, ...]] = ()
     _state_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **params: Any) -> None:
@@ -216,17 +219,45 @@ class Harmonizer(ABC):
 
 H = TypeVar("H", bound=Harmonizer)
 
-HARMONIZERS: dict[str, type[Harmonizer]] = {}
+
+class HarmonizerRegistry(Mapping[str, type[Harmonizer]]):
+    """Harmonizers by name. Learned ones are registered by module path and imported on
+    first use, so listing the names (``--help``, the descriptor) never imports PyTorch."""
+
+    def __init__(self) -> None:
+        self._classes: dict[str, type[Harmonizer]] = {}
+        self._lazy_modules: dict[str, str] = {}
+
+    def add(self, name: str, harmonizer_class: type[Harmonizer]) -> None:
+        if name in self._classes:
+            raise ValueError(f"harmonizer name '{name}' registered twice")
+        self._classes[name] = harmonizer_class
+
+    def add_lazy(self, name: str, module: str) -> None:
+        """Announce ``name``; ``module`` registers the class when first imported."""
+        self._lazy_modules[name] = module
+
+    def __getitem__(self, name: str) -> type[Harmonizer]:
+        if name not in self._classes and name in self._lazy_modules:
+            importlib.import_module(self._lazy_modules[name])
+        return self._classes[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(set(self._classes) | set(self._lazy_modules)))
+
+    def __len__(self) -> int:
+        return len(set(self._classes) | set(self._lazy_modules))
+
+
+HARMONIZERS = HarmonizerRegistry()
 
 
 def register(name: str) -> Callable[[type[H]], type[H]]:
     """Class decorator: make a harmonizer available as ``--method name``."""
 
     def decorator(cls: type[H]) -> type[H]:
-        if name in HARMONIZERS:
-            raise ValueError(f"harmonizer name '{name}' registered twice")
         cls.name = name
-        HARMONIZERS[name] = cls
+        HARMONIZERS.add(name, cls)
         return cls
 
     return decorator

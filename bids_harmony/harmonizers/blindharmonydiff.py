@@ -118,6 +118,7 @@ class BlindHarmonyDiff(Harmonizer):
     """
 
     _state_keys: ClassVar[tuple[str, ...]] = (LOSS_HISTORY,)
+    presets: ClassVar[tuple[str, ...]] = tuple(PRESETS)
 
     def __init__(self, preset: str = "fast", **overrides: Any) -> None:
         if preset not in PRESETS:

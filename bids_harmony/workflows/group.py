@@ -46,11 +46,19 @@ def load_preprocessed(config: RunConfig, image: AnatImage, template: TemplateFil
     return Volume(data, mask)
 
 
+def build_harmonizer(config: RunConfig) -> Harmonizer:
+    """A fresh ``--method`` harmonizer; learned ones get ``--preset``, ``--device``, ``--seed``."""
+    harmonizer_class = HARMONIZERS[config.method]
+    if harmonizer_class.presets:
+        return harmonizer_class(preset=config.preset, device=config.device, seed=config.seed)
+    return harmonizer_class()
+
+
 def fit_and_report(config: RunConfig, images: Sequence[AnatImage],
                    template: TemplateFiles) -> Path:
     """Fit ``config.method`` on all images, save it, write group QC; returns the model dir."""
     volumes = [load_preprocessed(config, image, template) for image in images]
-    harmonizer = HARMONIZERS[config.method]().fit(
+    harmonizer = build_harmonizer(config).fit(
         volumes, [im.site for im in images], [im.suffix for im in images],
         target=config.target_site,
     )
