@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=4)
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--nprocs", type=int, default=2)
+    parser.add_argument("--preset", default="tiny",
+                        help="size preset of learned harmonizers: part of the stated budget")
     parser.add_argument("--ixi-dir", type=Path, default=DEFAULT_IXI_DIR)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
@@ -108,7 +110,7 @@ def main() -> None:
         preprocessing = _cli(bids, out, "participant", *common)
         for method in sorted(HARMONIZERS):
             seconds = _cli(bids, out, "group", *common, "--method", method,
-                           "--target-site", target)
+                           "--target-site", target, "--preset", args.preset)
             result = json.loads((out / "group_evaluation.json").read_text())["sequences"][SUFFIX]
             if not rows:
                 rows.append({"method": "source (no harmonization)",
@@ -134,7 +136,8 @@ def _write(args: argparse.Namespace, rows: list[dict[str, Any]], target: str,
         f"Python {platform.python_version()}. Budget: {args.subjects} IXI T1w heads x "
         f"{args.sites} simulated sites ({n_images} images) at 2 mm, --nprocs {args.nprocs}; "
         f"preprocessing once ({preprocessing:.0f} s), then one `group` run per method "
-        f"(fit + QC + evaluation + reports) with target site {target}.",
+        f"(fit + QC + evaluation + reports) with target site {target}; learned methods at "
+        f"--preset {args.preset}.",
         "",
         "Traveling-subject measures compare each source-site image with the same head's "
         "target-site scan (template space, inside both brain masks). Site balanced accuracy: "

@@ -67,6 +67,8 @@ def test_preprocessing_outputs(demo_run: dict) -> None:
     assert description["DatasetType"] == "derivative"
     assert description["GeneratedBy"][0]["Name"] == "bids_harmony"
     assert "no fitted 'histmatch' model" in demo_run["first"].stderr
+    ignored = (out / ".bidsignore").read_text().split()
+    assert {"group_*", "models/", "logs/", "*_xfm.*"} <= set(ignored)
     sites = (out / "sites.tsv").read_text().splitlines()
     assert sites[0].split("\t") == ["site", "suffix", "count", "found_in"]
     assert len(sites) == 1 + 3 * 2
@@ -82,7 +84,8 @@ def test_preprocessing_outputs(demo_run: dict) -> None:
         assert 0.2 < inside.mean() < 0.45
         sidecar = json.loads(preproc.with_suffix("").with_suffix(".json").read_text())
         assert sidecar["Sources"] == [f"bids:raw:{raw.relative_to(bids).as_posix()}"]
-        assert sidecar["SkullStripped"] is True  # the demo is brain-only: passed through
+        assert sidecar["SkullStripped"] is True
+        assert sidecar["InputSkullStripped"] is True  # the demo is brain-only: passed through
         assert sidecar["Template"] == TEMPLATE
         lower, upper = sidecar["NormalizationValues"]
         assert lower < upper
@@ -180,7 +183,7 @@ def test_real_ixi_head(ixi_dir: Path, tmp_path: Path) -> None:
     for raw in _raw_images(bids):
         preproc = _derivative(out, raw, f"space-{TEMPLATE}_desc-preproc")
         meta = json.loads(preproc.with_suffix("").with_suffix(".json").read_text())
-        assert meta["SkullStripped"] is False
+        assert meta["InputSkullStripped"] is False
         assert _derivative(out, raw, f"space-{TEMPLATE}_desc-harmonized").is_file()
         images.append(np.asarray(nb.load(preproc).dataobj))
         masks.append(np.asarray(nb.load(_derivative(out, raw, f"space-{TEMPLATE}_desc-brain",

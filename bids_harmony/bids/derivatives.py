@@ -30,7 +30,26 @@ def write_dataset_description(output_dir: Path, bids_dir: Path) -> Path:
     path = output_dir / "dataset_description.json"
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(description, indent=2) + "\n")
+    atomic_write_text(output_dir / ".bidsignore", "\n".join(NOT_BIDS) + "\n")
+    if not (output_dir / "README").exists():
+        atomic_write_text(output_dir / "README", _README)
     return path
+
+
+#: The app's own files that BIDS has no names for (as fMRIPrep does, they are listed in the
+#: derivative's .bidsignore): group tables and reports, models, logs, and transforms, which
+#: the schema does not yet cover for anatomical derivatives.
+NOT_BIDS = (
+    "group_*", "sites.tsv", "models/", "logs/", "figures/", "sub-*.html", "*_xfm.*",
+)
+
+_README = """bids_harmony derivatives
+
+Harmonized structural MRI in template space (desc-harmonized), with the preprocessing
+outputs (desc-preproc, brain masks, Canny edge maps, transforms), per-image QC in every
+sidecar, and the group tables and reports (group_*). See dataset_description.json for the
+version that wrote them and logs/<run-id>/config.toml for each run's configuration.
+"""
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -45,6 +64,7 @@ def _container() -> dict[str, str] | None:
     if os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER"):
         return {"Type": "singularity",
                 "Tag": os.environ.get("APPTAINER_NAME") or os.environ.get("SINGULARITY_NAME", "")}
-    if Path("/.dockerenv").exists() or Path("/run/.containerenv").exists():
+    if (Path("/.dockerenv").exists() or Path("/run/.containerenv").exists()
+            or os.environ.get("BIDS_HARMONY_IMAGE")):  # set by our image; /run may be tmpfs
         return {"Type": "docker", "Tag": os.environ.get("BIDS_HARMONY_IMAGE", "bids_harmony")}
     return None

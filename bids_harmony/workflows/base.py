@@ -172,7 +172,7 @@ def _connect_derivatives(
         name=f"{prefix}_harmonized_meta", run_without_submitting=True,
     )
     harmonized_meta.inputs.static = {"Sources": sources, "Site": image.site,
-                                     "Template": template.name}
+                                     "Template": template.name, "SkullStripped": True}
     ds_harmonized = _sink(f"{prefix}_ds_harmonized", space=template.name, desc="harmonized",
                           suffix=image.suffix, **common)
     workflow.connect([
@@ -215,12 +215,15 @@ def _preproc_metadata(static: dict, lower: float, upper: float,
                       was_skull_stripped: bool) -> dict:
     meta = dict(static)
     meta["NormalizationValues"] = [float(lower), float(upper)]
-    meta["SkullStripped"] = bool(was_skull_stripped)
+    meta["SkullStripped"] = True  # the derivative is brain-only whatever the input was
+    meta["InputSkullStripped"] = bool(was_skull_stripped)
     return meta
 
 
 def _edge_metadata(sources: list, threshold: float, ratio: float) -> dict:
-    return {"Sources": sources, "Type": "CannyEdges", "EdgeThreshold": float(threshold),
+    return {"Sources": sources, "Type": "ROI",
+            "Description": "3D Canny edge map of the preprocessed image (1 = edge voxel)",
+            "EdgeThreshold": float(threshold),
             "EdgeRatio": float(ratio), "Method": "3D Canny (SimpleITK), per-image threshold"}
 
 
