@@ -136,19 +136,21 @@ class Harmonizer(ABC):
         return np.where(mask, out, 0.0).astype(np.float32)
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``state.npz`` and ``model_card.json`` into ``directory`` atomically."""
+        """Write the state file and ``model_card.json`` into ``directory`` atomically."""
         self._check_fitted()
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         arrays = {
-            f"{sequence}/{key}": np.asarray(value)
+            f"{sequence}/{key}": np.ascontiguousarray(value)
             for sequence, seq_state in self.state_.items()
             for key, value in seq_state.items()
         }
-        np.savez(staging / "state.npz", **arrays)
+        self._write_state(arrays, staging / self.state_file)
         card = self.model_card()
-        card["state_sha256"] = sha256_file(staging / "state.npz")
+        card["state_file"] = self.state_file
+        card["state_sha256"] = sha256_file(staging / self.state_file)
+        self._add_to_card(card, staging)
         (staging / MODEL_CARD).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
         if directory.exists():
             _replace_directory(staging, directory)
@@ -166,12 +168,14 @@ class Harmonizer(ABC):
                 f"{directory / MODEL_CARD} holds a '{card['method']}' model, not '{cls.name}'; "
                 f"pass --method {card['method']} or another --model"
             )
+        state_path = directory / cls.state_file
+        if not state_path.is_file():
+            raise InputMissingError(f"{state_path} not found; refit the model at the group level")
+        state: dict[str, dict[str, np.ndarray]] = {}
+        for key, value in cls._read_state(state_path).items():
+            sequence, name = key.split("/", 1)
+            state.setdefault(sequence, {})[name] = value
         harmonizer = cls(**card["parameters"])
-        with np.load(directory / "state.npz", allow_pickle=False) as npz:
-            state: dict[str, dict[str, np.ndarray]] = {}
-            for key in npz.files:
-                sequence, name = key.split("/", 1)
-                state.setdefault(sequence, {})[name] = npz[key]
         harmonizer.state_ = state
         harmonizer.target_site_ = card["target_site"]
         harmonizer.training_ = card["training"]
@@ -193,6 +197,20 @@ class Harmonizer(ABC):
             "target_site": self.target_site_,
             "training": self.training_,
         }
+
+    # -- storage (learned harmonizers override: safetensors, loss curves) ------------------
+    state_file: ClassVar[str] = "state.npz"
+
+    def _write_state(self, arrays: dict[str, np.ndarray], path: Path) -> None:
+        np.savez(path, **arrays)
+
+    @classmethod
+    def _read_state(cls, path: Path) -> dict[str, np.ndarray]:
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+
+    def _add_to_card(self, card: dict[str, Any], staging: Path) -> None:
+        """Add method-specific entries to the card (and files to ``staging``) before saving."""
 
     # -- to implement ----------------------------------------------------------------------
     @abstractmethod

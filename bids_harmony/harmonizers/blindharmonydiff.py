@@ -14,11 +14,8 @@ an Euler step only, while the paper integrates continuous time with the midpoint
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -29,15 +26,11 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from bids_harmony.errors import DataError, InputMissingError, UsageError
+from bids_harmony.errors import UsageError
 from bids_harmony.harmonizers.base import (
-    MODEL_CARD,
     Harmonizer,
     Volume,
-    _replace_directory,
-    read_model_card,
     register,
-    sha256_file,
 )
 from bids_harmony.interfaces.canny import canny_edges_at_ratio
 from bids_harmony.nn import VelocityUNet
@@ -193,59 +186,22 @@ class BlindHarmonyDiff(Harmonizer):
         return np.clip((out + 1.0) / 2.0, 0.0, 1.0)
 
     # -- persistence: safetensors instead of state.npz ---------------------------------------
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``model.safetensors``, ``model_card.json`` and one loss-curve PNG per sequence."""
-        self._check_fitted()
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        save_file(
-            {
-                f"{sequence}/{key}": np.ascontiguousarray(value)
-                for sequence, seq_state in self.state_.items()
-                for key, value in seq_state.items()
-            },
-            str(staging / WEIGHTS_FILE),
-        )
-        card = self.model_card()
-        card["state_file"] = WEIGHTS_FILE
-        card["state_sha256"] = sha256_file(staging / WEIGHTS_FILE)
+    state_file: ClassVar[str] = WEIGHTS_FILE
+
+    def _write_state(self, arrays: dict[str, np.ndarray], path: Path) -> None:
+        save_file(arrays, str(path))
+
+    @classmethod
+    def _read_state(cls, path: Path) -> dict[str, np.ndarray]:
+        return load_file(str(path))
+
+    def _add_to_card(self, card: dict[str, Any], staging: Path) -> None:
+        """The training loss per sequence: a thinned curve in the card and a PNG beside it."""
         card["loss_curve"] = {}
         for sequence, seq_state in self.state_.items():
             steps, losses = summarise_losses(seq_state[LOSS_HISTORY])
             card["loss_curve"][sequence] = {"step": steps, "loss": losses}
             plot_loss_curve(seq_state[LOSS_HISTORY], sequence, staging / f"loss_{sequence}.png")
-        (staging / MODEL_CARD).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-        if directory.exists():
-            _replace_directory(staging, directory)
-        else:
-            staging.rename(directory)
-        return directory
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> BlindHarmonyDiff:
-        """Rebuild a fitted model from ``save``'s output (safetensors, no pickle)."""
-        directory = Path(directory)
-        card = read_model_card(directory)
-        if card["method"] != cls.name:
-            raise DataError(
-                f"{directory / MODEL_CARD} holds a '{card['method']}' model, not '{cls.name}'; "
-                f"pass --method {card['method']} or another --model"
-            )
-        weights = directory / WEIGHTS_FILE
-        if not weights.is_file():
-            raise InputMissingError(
-                f"{weights} not found; refit the model with the group level"
-            )
-        state: dict[str, dict[str, np.ndarray]] = {}
-        for key, value in load_file(str(weights)).items():
-            sequence, name = key.split("/", 1)
-            state.setdefault(sequence, {})[name] = value
-        harmonizer = cls(**card["parameters"])
-        harmonizer.state_ = state
-        harmonizer.target_site_ = card["target_site"]
-        harmonizer.training_ = card["training"]
-        return harmonizer
 
 
 # -- settings ------------------------------------------------------------------------------
