@@ -63,7 +63,7 @@ class WhiteStripe(Harmonizer):
     def _transform_sequence(self, image: Volume, state: dict[str, np.ndarray]) -> np.ndarray:
         mean, std = self._stripe_mean_std(image)
         z = (image.data.astype(np.float64) - mean) / std
-        return float(state["target_mean"]) + float(state["target_std"]) * z
+        return state["target_mean"].item() + state["target_std"].item() * z
 
     def _stripe_mean_std(self, image: Volume) -> tuple[float, float]:
         """Mean and standard deviation of the image's white stripe."""

@@ -39,7 +39,7 @@ class ZScore(Harmonizer):
     def _transform_sequence(self, image: Volume, state: dict[str, np.ndarray]) -> np.ndarray:
         mean, std = brain_mean_std(image)
         z = (image.data.astype(np.float64) - mean) / std
-        return float(state["target_mean"]) + float(state["target_std"]) * z
+        return state["target_mean"].item() + state["target_std"].item() * z
 
 
 def brain_mean_std(image: Volume) -> tuple[float, float]:
