@@ -68,7 +68,7 @@ def test_preprocessing_outputs(demo_run: dict) -> None:
     assert description["GeneratedBy"][0]["Name"] == "bids_harmony"
     assert "no fitted 'histmatch' model" in demo_run["first"].stderr
     ignored = (out / ".bidsignore").read_text().split()
-    assert {"group_*", "models/", "logs/", "*_xfm.*"} <= set(ignored)
+    assert {"group_*", "models", "logs", "figures", "*_xfm.*"} <= set(ignored)
     sites = (out / "sites.tsv").read_text().splitlines()
     assert sites[0].split("\t") == ["site", "suffix", "count", "found_in"]
     assert len(sites) == 1 + 3 * 2
@@ -118,6 +118,7 @@ def test_group_level_fits_and_reports(demo_run: dict) -> None:
     assert card["method"] == "histmatch" and card["target_site"] == "SiemensTrio3T"
     assert card["training"]["n_images"] == 12 and len(card["training"]["checksum"]) == 64
     assert (model / "state.npz").is_file()
+    assert model.stat().st_mode & 0o055  # readable by the lab, not mkdtemp's 0700
     for suffix in ("T1w", "T2w"):
         lines = (out / f"group_{suffix}.tsv").read_text().splitlines()
         header = lines[0].split("\t")

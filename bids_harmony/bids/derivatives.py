@@ -38,9 +38,10 @@ def write_dataset_description(output_dir: Path, bids_dir: Path) -> Path:
 
 #: The app's own files that BIDS has no names for (as fMRIPrep does, they are listed in the
 #: derivative's .bidsignore): group tables and reports, models, logs, and transforms, which
-#: the schema does not yet cover for anatomical derivatives.
+#: the schema does not yet cover for anatomical derivatives. Folders are named without a
+#: trailing slash: bids-validator-deno 3.0.2 still flags ``models/`` written that way.
 NOT_BIDS = (
-    "group_*", "sites.tsv", "models/", "logs/", "figures/", "sub-*.html", "*_xfm.*",
+    "group_*", "sites.tsv", "models", "logs", "figures", "sub-*.html", "*_xfm.*",
 )
 
 _README = """bids_harmony derivatives

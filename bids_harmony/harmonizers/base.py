@@ -141,6 +141,7 @@ class Harmonizer(ABC):
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        staging.chmod(0o777 & ~_current_umask())  # mkdtemp's 0700 would hide it from the lab
         arrays = {
             f"{sequence}/{key}": np.ascontiguousarray(value)
             for sequence, seq_state in self.state_.items()
@@ -337,6 +338,12 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _replace_directory(new: Path, old: Path) -> None:
