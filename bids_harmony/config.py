@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -98,9 +97,9 @@ class RunConfig:
         """Snapshot the resolved configuration under ``OUTPUT_DIR/logs/<run-id>/config.toml``."""
         import tomli_w
 
+        from bids_harmony.bids.derivatives import atomic_write_text
+
         self.log_dir.mkdir(parents=True, exist_ok=True)
         path = self.log_dir / "config.toml"
-        partial = path.with_name(f".config.toml.{os.getpid()}")
-        partial.write_text(tomli_w.dumps(self.to_toml_dict()))
-        partial.replace(path)
+        atomic_write_text(path, tomli_w.dumps(self.to_toml_dict()))
         return path

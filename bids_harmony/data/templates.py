@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bids_harmony.bids.derivatives import atomic_write_text
 from bids_harmony.errors import TemplateNotFoundError
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ def _write_bundled(folder: Path, resolution: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     description = folder / "template_description.json"
     if not description.is_file():
-        _atomic_write_text(description, json.dumps(_DESCRIPTION, indent=2) + "\n")
+        atomic_write_text(description, json.dumps(_DESCRIPTION, indent=2) + "\n")
     source_dir = Path(nilearn.__file__).parent / "datasets" / "data"
     prefix = f"tpl-{BUNDLED_TEMPLATE}_res-{resolution:02d}"
     t1 = nb.load(source_dir / _NILEARN_FILES["T1w"])
@@ -194,10 +195,6 @@ def _atomic_save(image: nb.Nifti1Image, path: Path) -> None:
     partial.replace(path)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_text(text)
-    partial.replace(path)
 
 
 _DESCRIPTION = {
