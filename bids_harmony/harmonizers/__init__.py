@@ -15,6 +15,7 @@ from bids_harmony.harmonizers.base import (
 )
 from bids_harmony.harmonizers import histmatch, nyul, ssimh, whitestripe, zscore  # noqa: F401
 
+HARMONIZERS.add_lazy("blindharmony", "bids_harmony.harmonizers.blindharmony")
 HARMONIZERS.add_lazy("blindharmonydiff", "bids_harmony.harmonizers.blindharmonydiff")
 
 __all__ = ["HARMONIZERS", "Harmonizer", "Volume", "register", "load_harmonizer"]

@@ -73,6 +73,9 @@ class Harmonizer(ABC):
     #: Size presets of a learned harmonizer (``--preset``); classical ones have none.
     presets: ClassVar[tuple[str, ...]] = ()
     _state_keys: ClassVar[tuple[str, ...]] = ()
+    #: Where a learned harmonizer keeps training checkpoints to resume from (the work dir's
+    #: ``checkpoints/``, set by the group level); ``None`` trains without checkpoints.
+    checkpoint_dir: Path | None = None
 
     def __init__(self, **params: Any) -> None:
         self.params: dict[str, Any] = dict(params)

@@ -47,11 +47,14 @@ def load_preprocessed(config: RunConfig, image: AnatImage, template: TemplateFil
 
 
 def build_harmonizer(config: RunConfig) -> Harmonizer:
-    """A fresh ``--method`` harmonizer; learned ones get ``--preset``, ``--device``, ``--seed``."""
+    """A fresh ``--method`` harmonizer; learned ones get ``--preset``, ``--device``, ``--seed``
+    and keep resumable training checkpoints in the work directory."""
     harmonizer_class = HARMONIZERS[config.method]
-    if harmonizer_class.presets:
-        return harmonizer_class(preset=config.preset, device=config.device, seed=config.seed)
-    return harmonizer_class()
+    if not harmonizer_class.presets:
+        return harmonizer_class()
+    harmonizer = harmonizer_class(preset=config.preset, device=config.device, seed=config.seed)
+    harmonizer.checkpoint_dir = config.work_dir / "checkpoints" / config.method
+    return harmonizer
 
 
 def fit_and_report(config: RunConfig, images: Sequence[AnatImage],
