@@ -201,3 +201,29 @@ def test_real_ixi_head(ixi_dir: Path, tmp_path: Path) -> None:
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / (a.sum() + b.sum()))
+
+
+@pytest.mark.parametrize("method", ["blindharmony", "blindharmonydiff"])
+def test_blind_method_trains_and_applies_through_the_cli(demo_run: dict, method: str) -> None:
+    """A blind model trains on the target site at the group level (tiny preset), then the
+    participant level harmonizes with it and replaces the earlier histmatch outputs."""
+    out, bids = demo_run["out"], demo_run["bids"]
+    common = ["--resolution", "2", "--nprocs", "2", "--suffix", "T1w", "--method", method]
+    _cli(bids, out, "group", *common, "--target-site", "SiemensTrio3T", "--preset", "tiny")
+    model = out / "models" / f"{method}_SiemensTrio3T"
+    card = json.loads((model / "model_card.json").read_text())
+    assert card["method"] == method and card["parameters"]["preset"] == "tiny"
+    assert card["training"]["reference_images"] == {"T1w": 4}
+    assert (model / "model.safetensors").is_file() and (model / "loss_T1w.png").is_file()
+    assert not list((out / ".bids_harmony_work" / "checkpoints").rglob("*.pt"))
+    run = _cli(bids, out, "participant", *common, "--participant-label", "01", "-v")
+    assert "already complete" not in run.stderr  # the histmatch outputs are out of date
+    checksum = "sha256:" + hashlib.sha256((model / "model_card.json").read_bytes()).hexdigest()
+    harmonized = sorted(out.glob(f"sub-01/ses-*/anat/*space-{TEMPLATE}_desc-harmonized_T1w.json"))
+    assert len(harmonized) == 3
+    for sidecar in harmonized:
+        meta = json.loads(sidecar.read_text())
+        assert meta["HarmonizationMethod"] == method and meta["ModelChecksum"] == checksum
+        assert meta["Parameters"] == card["parameters"]
+        image = nb.load(sidecar.with_suffix(".nii.gz"))
+        assert np.isfinite(np.asarray(image.dataobj)).all()

@@ -100,6 +100,7 @@ class Harmonizer(ABC):
                 f"--target-site unified is not supported by {self.name}; name a site or use auto"
             )
         state: dict[str, dict[str, np.ndarray]] = {}
+        reference_counts: dict[str, int] = {}
         for sequence in sorted(set(sequences)):
             seq_images = [im for im, s in zip(images, sequences) if s == sequence]
             seq_sites = [site for site, s in zip(sites, sequences) if s == sequence]
@@ -112,6 +113,7 @@ class Harmonizer(ABC):
                     f"target site '{target_site}' has no {sequence} image to learn from; "
                     "choose another --target-site or drop that --suffix"
                 )
+            reference_counts[sequence] = len(reference)
             state[sequence] = self._fit_sequence(reference, seq_images, seq_sites)
             state[sequence][REFERENCE_QUANTILES] = np.quantile(
                 np.concatenate([im.brain for im in reference]), np.linspace(0.0, 1.0, 1001)
@@ -122,6 +124,8 @@ class Harmonizer(ABC):
             "sites": sorted(set(sites)),
             "sequences": sorted(set(sequences)),
             "n_images": len(images),
+            # The target-site images per sequence: all that a blind method learns from.
+            "reference_images": reference_counts,
             "checksum": checksum_images(images),
         }
         return self
@@ -332,6 +336,11 @@ def checksum_images(images: Sequence[Volume]) -> str:
         digest.update(np.ascontiguousarray(image.data, dtype=np.float32).tobytes())
         digest.update(np.ascontiguousarray(image.mask, dtype=np.uint8).tobytes())
     return digest.hexdigest()
+
+
+def model_checksum(directory: str | os.PathLike[str]) -> str:
+    """``sha256:<hex>`` of a saved model's card: what every harmonized sidecar records."""
+    return f"sha256:{sha256_file(Path(directory) / MODEL_CARD)}"
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -43,7 +43,7 @@ class Harmonize(SimpleInterface):
 
     def _run_interface(self, runtime: Any) -> Any:
         from bids_harmony.harmonizers import load_harmonizer
-        from bids_harmony.harmonizers.base import MODEL_CARD, Volume, sha256_file
+        from bids_harmony.harmonizers.base import MODEL_CARD, Volume, model_checksum
         from bids_harmony.metrics import harmonization_qc
 
         harmonizer = load_harmonizer(Path(self.inputs.model_dir))
@@ -64,7 +64,7 @@ class Harmonize(SimpleInterface):
             "HarmonizationMethod": harmonizer.name,
             "TargetSite": harmonizer.target_site_,
             "ModelCard": str(card),
-            "ModelChecksum": f"sha256:{sha256_file(card)}",
+            "ModelChecksum": model_checksum(card.parent),
             "Parameters": harmonizer.params,
             "QC": {key: _json_number(value) for key, value in metrics.items()},
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from bids_harmony.bids.layout import (
 from bids_harmony.config import RunConfig
 from bids_harmony.data.templates import TemplateFiles, resolve_template
 from bids_harmony.errors import DataError, HarmonyError, InputMissingError, UsageError
+from bids_harmony.harmonizers.base import model_checksum
 
 LOGGER = logging.getLogger("bids_harmony")
 
@@ -86,12 +88,11 @@ def preprocess(config: RunConfig, context: RunContext, model_dir: Path | None) -
     """Run the Nipype workflow on the images whose outputs are not all there yet."""
     from bids_harmony.workflows.base import expected_outputs, init_bids_harmony_wf
 
-    harmonize = model_dir is not None
     todo = [
         image for image in context.images
-        if not (config.resume and all(p.is_file() for p in
-                                      expected_outputs(config, image, context.template,
-                                                       harmonize)))
+        if not (config.resume and _is_complete(
+            expected_outputs(config, image, context.template, model_dir is not None), model_dir
+        ))
     ]
     skipped = len(context.images) - len(todo)
     if skipped:
@@ -101,6 +102,20 @@ def preprocess(config: RunConfig, context: RunContext, model_dir: Path | None) -
     todo = _with_session_references(todo, context.images)
     workflow = init_bids_harmony_wf(config, todo, context.template, model_dir)
     _run_workflow(workflow, config)
+
+
+def _is_complete(outputs: Sequence[Path], model_dir: Path | None) -> bool:
+    """Every expected sidecar exists and the harmonized ones come from ``model_dir``: an
+    image harmonized by an earlier model (another method or a refit) is done again."""
+    if not all(path.is_file() for path in outputs):
+        return False
+    if model_dir is None:
+        return True
+    checksum = model_checksum(model_dir)
+    return all(
+        json.loads(path.read_text()).get("ModelChecksum") == checksum
+        for path in outputs if "_desc-harmonized_" in path.name
+    )
 
 
 def find_model(config: RunConfig) -> Path | None:
