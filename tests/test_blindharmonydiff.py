@@ -1,4 +1,5 @@
-"""BlindHarmonyDiff on CPU with the ``tiny`` preset: patches, training, sampler, refinement, I/O."""
+"""BlindHarmonyDiff on CPU with the ``tiny`` preset: patches, training and its resume, sampler,
+refinement, inference precision, I/O."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from bids_harmony.errors import NotFittedError, UsageError
-from bids_harmony.harmonizers import Volume
+from bids_harmony.harmonizers import Volume, blindharmonydiff
 from bids_harmony.harmonizers.blindharmonydiff import (
     PRESETS,
-    WEIGHTS_FILE,
     BlindHarmonyDiff,
+    autocast_dtype,
     build_network,
     extract_patch,
     ncc_ascent_step,
@@ -24,6 +25,7 @@ from bids_harmony.harmonizers.blindharmonydiff import (
     sample_patch,
     whole_volume_coordinates,
 )
+from bids_harmony.harmonizers.learned import NETWORK_PREFIX, WEIGHTS_FILE
 from bids_harmony.metrics import ncc
 
 SHAPE = (32, 32, 24)
@@ -140,8 +142,81 @@ def test_transform_before_fit_raises() -> None:
 @pytest.mark.parametrize(
     "params",
     [{"preset": "huge"}, {"solver": "rk4"}, {"patch_size": 12}, {"refinement_schedule": "x"},
-     {"multi_stride_fraction": 1.5}, {"learning_rate": 0.0}, {"unknown": 1}],
+     {"multi_stride_fraction": 1.5}, {"learning_rate": 0.0}, {"unknown": 1},
+     {"checkpoint_every": 0}, {"precision": "fp8"}],
 )
 def test_invalid_parameters_raise_usage_error(params: dict) -> None:
     with pytest.raises(UsageError):
         BlindHarmonyDiff(**params)
+
+
+def test_interrupted_training_resumes_to_the_same_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images, sites, sequences = [phantom(0), phantom(1)], ["a", "a"], ["T1w", "T1w"]
+    settings = {"preset": "tiny", "steps": 6, "checkpoint_every": 2}
+    expected = BlindHarmonyDiff(**settings).fit(images, sites, sequences).state_["T1w"]
+
+    interrupted = BlindHarmonyDiff(**settings)
+    interrupted.checkpoint_dir = tmp_path
+    loss = blindharmonydiff.rectified_flow_loss
+    calls: list[int] = []
+
+    def counted_loss(*args: object) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 5:  # step 5, after the checkpoint of step 4: as if killed
+            raise KeyboardInterrupt
+        return loss(*args)
+
+    monkeypatch.setattr(blindharmonydiff, "rectified_flow_loss", counted_loss)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit(images, sites, sequences)
+    (checkpoint,) = tmp_path.glob("*.pt")
+    assert torch.load(checkpoint, weights_only=True)["step"] == 4
+
+    resumed = BlindHarmonyDiff(**settings, device="cpu", precision="bf16")  # not in the name
+    resumed.checkpoint_dir = tmp_path
+    state = resumed.fit(images, sites, sequences).state_["T1w"]
+    assert len(calls) == 5 + 2  # only steps 5 and 6 were run again
+    assert sorted(state) == sorted(expected)
+    for name, array in expected.items():
+        np.testing.assert_array_equal(state[name], array, err_msg=name)
+    assert not list(tmp_path.iterdir())
+
+
+def test_bf16_inference_is_finite_and_close_to_fp32(fitted: BlindHarmonyDiff) -> None:
+    # Two Euler steps on a small crop: bf16 convolutions are slow on CPUs without native bf16.
+    settings = replace(fitted.settings, sampling_steps=2, solver="euler")
+    network = build_network(settings)
+    network.load_state_dict({
+        name[len(NETWORK_PREFIX):]: torch.from_numpy(array)
+        for name, array in fitted.state_["T1w"].items() if name.startswith(NETWORK_PREFIX)
+    })
+    crop = (slice(8, 24), slice(8, 24), slice(8, 16))
+    image = phantom(5, gamma=2.0)
+    condition = torch.randn(1, 4, 16, 16, 8)
+    noise = torch.randn(1, 1, 16, 16, 8)
+    source = torch.from_numpy(2.0 * image.data[crop] - 1.0)[None, None]
+    mask = torch.from_numpy(image.mask[crop])[None, None]
+    fp32_out, bf16_out = (
+        sample_and_refine(network, condition, noise, source, mask,
+                          replace(settings, precision=precision))
+        for precision in ("fp32", "bf16")
+    )
+    assert bf16_out.shape == noise.shape and bf16_out.dtype == torch.float32
+    assert torch.isfinite(bf16_out).all()
+    assert not torch.equal(bf16_out, fp32_out)  # the network did run in bf16
+    assert (bf16_out - fp32_out).abs().max() < 0.1
+
+
+def test_precision_resolves_per_device() -> None:
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is None
+    assert autocast_dtype("fp32", cpu) is None
+    assert autocast_dtype("bf16", cpu) == torch.bfloat16
+    assert autocast_dtype("fp16", torch.device("cuda")) == torch.float16
+
+
+def test_fp16_on_the_cpu_raises_usage_error_naming_the_fix() -> None:
+    with pytest.raises(UsageError, match="bf16 or fp32"):
+        BlindHarmonyDiff(preset="tiny", device="cpu", precision="fp16")

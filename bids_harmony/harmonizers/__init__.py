@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bids_harmony.errors import DataError
+from bids_harmony.harmonizers import histmatch, nyul, ssimh, whitestripe, zscore  # noqa: F401
 from bids_harmony.harmonizers.base import (
     HARMONIZERS,
     Harmonizer,
@@ -13,7 +14,6 @@ from bids_harmony.harmonizers.base import (
     read_model_card,
     register,
 )
-from bids_harmony.harmonizers import histmatch, nyul, ssimh, whitestripe, zscore  # noqa: F401
 
 HARMONIZERS.add_lazy("blindharmony", "bids_harmony.harmonizers.blindharmony")
 HARMONIZERS.add_lazy("blindharmonydiff", "bids_harmony.harmonizers.blindharmonydiff")

@@ -31,6 +31,11 @@ from bids_harmony.nn.device import resolve_device, validate_device
 from bids_harmony.nn.spline_flow import FlowArchitecture, SplineFlow, build_spline_flow
 
 MEAN_IMAGE = "mean_image"
+#: The settings that decide the trained weights (a run's fingerprint).
+TRAINING_FIELDS = (
+    "levels", "steps_per_level", "hidden_channels", "residual_blocks", "batch_size", "steps",
+    "learning_rate", "dequantization_bits", "slice_axis", "min_brain_fraction", "seed",
+)
 #: Pixels of the paper's slices (144 x 176 at 1.2 mm): the size its beta_1 was tuned for.
 PAPER_SLICE_PIXELS = 144 * 176
 
@@ -167,8 +172,12 @@ class BlindHarmony(LearnedHarmonizer):
         return harmonize_volume(flow, image, mean_image, settings, device)
 
     def _checkpoint(self, slices: torch.Tensor) -> Any:
-        settings = asdict(self.settings)
-        settings.pop("device")
+        """The run's checkpoint file, named by what decides the weights: not the device,
+        the checkpoint interval or the harmonization settings."""
+        settings = {
+            name: value for name, value in asdict(self.settings).items()
+            if name in TRAINING_FIELDS
+        }
         return checkpoint_path(self.checkpoint_dir, fingerprint(settings, [slices.numpy()]))
 
 

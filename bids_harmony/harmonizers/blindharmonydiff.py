@@ -14,9 +14,7 @@ an Euler step only, while the paper integrates continuous time with the midpoint
 
 from __future__ import annotations
 
-import logging
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -24,28 +22,28 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
 
 from bids_harmony.errors import UsageError
-from bids_harmony.harmonizers.base import (
-    Harmonizer,
-    Volume,
-    register,
+from bids_harmony.harmonizers.base import Volume, register
+from bids_harmony.harmonizers.learned import (
+    LOSS_HISTORY,
+    NETWORK_PREFIX,
+    LearnedHarmonizer,
+    network_state,
 )
 from bids_harmony.interfaces.canny import canny_edges_at_ratio
-from bids_harmony.nn import VelocityUNet
+from bids_harmony.nn import VelocityUNet, checkpoint_path, fingerprint, train
+from bids_harmony.nn.device import resolve_device, validate_device
 
-LOGGER = logging.getLogger(__name__)
-
-WEIGHTS_FILE = "model.safetensors"
-NETWORK_PREFIX = "net."
-LOSS_HISTORY = "loss_history"
 SOLVERS = ("euler", "midpoint")
 #: ``after``: the paper's refinement (Sec. 3.5), all NCC steps on the ODE output.
 #: ``interleaved``: the public code's ``sample_tra``, NCC steps between ODE segments.
 REFINEMENT_SCHEDULES = ("after", "interleaved")
-#: Points kept of the loss curve in the model card (window means over the whole run).
-CARD_CURVE_POINTS = 500
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: Settings that do not change the trained weights, left out of a run's fingerprint so that
+#: a run resumes on another device, at another precision or checkpoint interval.
+NOT_IN_FINGERPRINT = ("device", "precision", "checkpoint_every")
 
 
 @dataclass(frozen=True)
@@ -56,6 +54,10 @@ class FlowSettings:
     20 %). ``sampling_steps`` is the number of ODE steps of size 1 / steps (paper: 16).
     ``refinement_steps`` / ``refinement_step_size``: NCC gradient-ascent steps (paper: 6,
     0.02). ``edge_ratio``: share of brain voxels that are Canny edges (paper: 8 %).
+    ``checkpoint_every``: training steps between checkpoints, written only when the harmonizer
+    has a ``checkpoint_dir`` (the group level's work directory). ``precision`` of the
+    network's evaluations in the ODE: ``auto`` (bf16 on a CUDA device that supports it, else
+    fp32), ``fp32``, ``bf16`` or ``fp16`` (CUDA only); training always runs in fp32.
     """
 
     base_channels: int
@@ -73,6 +75,8 @@ class FlowSettings:
     edge_ratio: float = 0.08
     seed: int = 0
     device: str = "auto"
+    checkpoint_every: int = 500
+    precision: str = "auto"
 
 
 #: ``paper``: supplement S3.1 (2 x Quadro RTX 8000 in the paper). ``fast``: a quarter of the
@@ -85,7 +89,7 @@ PRESETS: dict[str, FlowSettings] = {
 
 
 @register("blindharmonydiff")
-class BlindHarmonyDiff(Harmonizer):
+class BlindHarmonyDiff(LearnedHarmonizer):
     """BlindHarmonyDiff: 3D edge-to-image rectified flow trained on the target site only.
 
     ``preset`` (``tiny`` / ``fast`` / ``paper``) sets every field of :class:`FlowSettings`;
@@ -107,11 +111,19 @@ class BlindHarmonyDiff(Harmonizer):
     * The refinement maximises NCC inside the brain mask, in the flow's [-1, 1] space, with
       the gradient of the voxel-sum NCC (voxel count times the mean-form gradient) as in the
       public code, so the step 0.02 does not depend on the volume size.
-    * Checkpoint/resume of training is not implemented yet.
+
+    Training goes through :func:`bids_harmony.nn.train`: with a ``checkpoint_dir`` it saves a
+    checkpoint every ``checkpoint_every`` steps, named by a fingerprint of the settings and
+    the reference images, and a rerun resumes from it to the same weights an uninterrupted
+    run gives (every step draws its patches, noise and times from one seeded generator).
+    Training runs in fp32, as in the paper; mixed-precision training is a later option. The
+    ODE's network evaluations run under ``torch.autocast`` at ``precision`` (bf16 by default
+    on a GPU, for speed); the state ``x`` and the NCC refinement stay fp32, so rounding does
+    not accumulate over the steps.
     """
 
-    _state_keys: ClassVar[tuple[str, ...]] = (LOSS_HISTORY,)
     presets: ClassVar[tuple[str, ...]] = tuple(PRESETS)
+    loss_label: ClassVar[str] = "rectified-flow loss"
 
     def __init__(self, preset: str = "fast", **overrides: Any) -> None:
         if preset not in PRESETS:
@@ -149,7 +161,12 @@ class BlindHarmonyDiff(Harmonizer):
             )
             for im in reference
         ]
-        losses = train_velocity_field(network, volumes, settings, device)
+        run_settings = {
+            name: value for name, value in asdict(settings).items()
+            if name not in NOT_IN_FINGERPRINT
+        }
+        checkpoint = checkpoint_path(self.checkpoint_dir, fingerprint(run_settings, volumes))
+        losses = train_velocity_field(network, volumes, settings, device, checkpoint)
         state = {
             NETWORK_PREFIX + name: tensor.detach().cpu().numpy()
             for name, tensor in network.state_dict().items()
@@ -162,11 +179,7 @@ class BlindHarmonyDiff(Harmonizer):
         device = resolve_device(settings.device)
         network = build_network(settings)
         network.load_state_dict(
-            {
-                name[len(NETWORK_PREFIX):]: torch.from_numpy(np.array(value))
-                for name, value in state.items()
-                if name.startswith(NETWORK_PREFIX)
-            }
+            {name: torch.from_numpy(value) for name, value in network_state(state).items()}
         )
         shape = padded_shape(image.data.shape, network.divisor, 1)
         condition = conditioning_channels(image, settings.edge_ratio, shape)
@@ -185,29 +198,13 @@ class BlindHarmonyDiff(Harmonizer):
         out = harmonized[0, 0].cpu().numpy()[tuple(slice(0, s) for s in image.data.shape)]
         return np.clip((out + 1.0) / 2.0, 0.0, 1.0)
 
-    # -- persistence: safetensors instead of state.npz ---------------------------------------
-    state_file: ClassVar[str] = WEIGHTS_FILE
-
-    def _write_state(self, arrays: dict[str, np.ndarray], path: Path) -> None:
-        save_file(arrays, str(path))
-
-    @classmethod
-    def _read_state(cls, path: Path) -> dict[str, np.ndarray]:
-        return load_file(str(path))
-
-    def _add_to_card(self, card: dict[str, Any], staging: Path) -> None:
-        """The training loss per sequence: a thinned curve in the card and a PNG beside it."""
-        card["loss_curve"] = {}
-        for sequence, seq_state in self.state_.items():
-            steps, losses = summarise_losses(seq_state[LOSS_HISTORY])
-            card["loss_curve"][sequence] = {"step": steps, "loss": losses}
-            plot_loss_curve(seq_state[LOSS_HISTORY], sequence, staging / f"loss_{sequence}.png")
-
 
 # -- settings ------------------------------------------------------------------------------
 def _validate(settings: FlowSettings) -> None:
     """Reject settings that cannot train or sample, naming the parameter."""
-    positive = ("base_channels", "patch_size", "batch_size", "steps", "sampling_steps")
+    positive = (
+        "base_channels", "patch_size", "batch_size", "steps", "sampling_steps", "checkpoint_every"
+    )
     for name in positive:
         if int(getattr(settings, name)) < 1:
             raise UsageError(f"blindharmonydiff needs {name} >= 1, got {getattr(settings, name)}")
@@ -234,15 +231,32 @@ def _validate(settings: FlowSettings) -> None:
         raise UsageError("refinement_steps and refinement_step_size must be >= 0")
     if not 0.0 < settings.edge_ratio < 1.0:
         raise UsageError(f"edge_ratio must lie in (0, 1), got {settings.edge_ratio}")
-    if settings.device != "auto" and not settings.device.startswith(("cpu", "cuda")):
-        raise UsageError(f"device must be auto, cpu or cuda[:N], got {settings.device!r}")
+    validate_device(settings.device)
+    if settings.precision not in PRECISIONS:
+        raise UsageError(
+            f"precision must be one of {', '.join(PRECISIONS)}, got {settings.precision!r}"
+        )
+    if settings.precision == "fp16":  # fail before training rather than at the first image
+        autocast_dtype(settings.precision, resolve_device(settings.device))
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` is the first GPU when torch sees one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype of the ODE's network evaluations on ``device``; ``None`` means fp32.
+
+    ``auto`` takes bf16 only where the GPU computes it natively (Ampere and later): bf16 keeps
+    fp32's exponent range, so the velocities cannot overflow as fp16 can.
+    """
+    if precision == "fp16" and device.type == "cpu":
+        raise UsageError(
+            "precision fp16 needs a CUDA device (CPU autocast supports bf16 only); "
+            "pass precision bf16 or fp32 on the CPU"
+        )
+    if precision == "auto":
+        native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(
+            including_emulation=False
+        )
+        precision = "bf16" if native_bf16 else "fp32"
+    return AUTOCAST_DTYPES.get(precision)
 
 
 def build_network(settings: FlowSettings) -> VelocityUNet:
@@ -365,50 +379,49 @@ def train_velocity_field(
     volumes: Sequence[np.ndarray],
     settings: FlowSettings,
     device: torch.device,
+    checkpoint: Path | None = None,
 ) -> list[float]:
-    """Adam on the rectified-flow loss for ``settings.steps`` steps; returns the loss per step."""
-    generator = torch.Generator().manual_seed(settings.seed)
+    """Adam on the rectified-flow loss for ``settings.steps`` steps; returns the loss per step.
+
+    Patches, noise and times all come from the generator :func:`bids_harmony.nn.train`
+    checkpoints, so resuming from ``checkpoint`` repeats the uninterrupted run exactly.
+    """
     tensors = [torch.from_numpy(v) for v in volumes]
-    network.to(device).train()
+    network.to(device)
     optimiser = torch.optim.Adam(network.parameters(), lr=settings.learning_rate)
-    losses: list[float] = []
-    started = time.perf_counter()
-    report_every = max(1, settings.steps // 10)
-    for step in range(1, settings.steps + 1):
+
+    def step_loss(generator: torch.Generator) -> torch.Tensor:
         batch = training_batch(tensors, settings, generator).to(device)
-        loss = rectified_flow_loss(network, batch, generator)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        losses.append(float(loss.detach()))
-        if step % report_every == 0 or step == settings.steps:
-            elapsed = time.perf_counter() - started
-            LOGGER.info(
-                "blindharmonydiff step %d/%d loss %.4f (%.2f s/step, ETA %.0f s)",
-                step, settings.steps, np.mean(losses[-report_every:]), elapsed / step,
-                elapsed / step * (settings.steps - step),
-            )
-    network.eval()
-    return losses
+        return rectified_flow_loss(network, batch, generator)
+
+    return train(
+        network, optimiser, step_loss, settings.steps,
+        torch.Generator().manual_seed(settings.seed),
+        checkpoint=checkpoint, checkpoint_every=settings.checkpoint_every,
+        description="blindharmonydiff",
+    )
 
 
 def velocity(
-    network: VelocityUNet, x: torch.Tensor, t: float, condition: torch.Tensor
+    network: VelocityUNet, x: torch.Tensor, t: float, condition: torch.Tensor,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The network's velocity at state ``x`` and time ``t`` (one value for the batch)."""
+    """The network's velocity at state ``x`` and time ``t`` (one value for the batch),
+    evaluated under autocast to ``dtype`` unless it is ``None``, returned in ``x``'s dtype."""
     times = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
-    return network(torch.cat([x, condition], dim=1), times)
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        return network(torch.cat([x, condition], dim=1), times).to(x.dtype)
 
 
 def ode_step(
     network: VelocityUNet, x: torch.Tensor, t: float, h: float, condition: torch.Tensor,
-    solver: str,
+    solver: str, dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """One Euler or explicit-midpoint step of size ``h`` from time ``t``."""
     if solver == "euler":
-        return x + h * velocity(network, x, t, condition)
-    half = x + 0.5 * h * velocity(network, x, t, condition)
-    return x + h * velocity(network, half, t + 0.5 * h, condition)
+        return x + h * velocity(network, x, t, condition, dtype)
+    half = x + 0.5 * h * velocity(network, x, t, condition, dtype)
+    return x + h * velocity(network, half, t + 0.5 * h, condition, dtype)
 
 
 def ncc_ascent_step(
@@ -445,8 +458,10 @@ def sample_and_refine(
     ``after`` (paper): ``refinement_steps`` NCC steps on the ODE output. ``interleaved``
     (public code): NCC steps at ``refinement_steps`` evenly spaced ODE step boundaries (the
     last at t = 1), each toward the source moved along the same path, ``t s + (1 - t) x0``.
+    The network runs at ``settings.precision``; ``x`` and the refinement stay in fp32.
     """
     network.eval()
+    dtype = autocast_dtype(settings.precision, noise.device)
     steps = settings.sampling_steps
     h = 1.0 / steps
     interleaved_at: set[int] = set()
@@ -455,7 +470,7 @@ def sample_and_refine(
         interleaved_at = {int(k) for k in np.round(boundaries)}
     x = noise
     for k in range(steps):
-        x = ode_step(network, x, k * h, h, condition, settings.solver)
+        x = ode_step(network, x, k * h, h, condition, settings.solver, dtype)
         if k + 1 in interleaved_at:
             t = (k + 1) * h
             x = ncc_ascent_step(
@@ -465,38 +480,3 @@ def sample_and_refine(
         for _ in range(settings.refinement_steps):
             x = ncc_ascent_step(x, source, mask, settings.refinement_step_size)
     return x
-
-
-# -- reporting -----------------------------------------------------------------------------
-def summarise_losses(losses: np.ndarray) -> tuple[list[int], list[float]]:
-    """At most ``CARD_CURVE_POINTS`` window means of the loss, with each window's last step."""
-    losses = np.asarray(losses, dtype=np.float64)
-    windows = np.array_split(np.arange(losses.size), min(CARD_CURVE_POINTS, max(losses.size, 1)))
-    windows = [w for w in windows if w.size]
-    return (
-        [int(w[-1]) + 1 for w in windows],
-        [round(float(losses[w].mean()), 6) for w in windows],
-    )
-
-
-def plot_loss_curve(losses: np.ndarray, sequence: str, path: Path) -> None:
-    """Training loss per step (and its running mean) as a PNG beside the model card."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    losses = np.asarray(losses, dtype=np.float64)
-    window = max(1, losses.size // 50)
-    running = np.convolve(losses, np.ones(window) / window, mode="valid")
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    axis.plot(np.arange(1, losses.size + 1), losses, lw=0.5, alpha=0.4, label="per step")
-    axis.plot(np.arange(window, losses.size + 1), running, lw=1.5, label=f"mean of {window}")
-    axis.set_xlabel("training step")
-    axis.set_ylabel("rectified-flow loss")
-    axis.set_yscale("log")
-    axis.set_title(f"BlindHarmonyDiff, {sequence}")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)

@@ -1,0 +1,106 @@
+"""The shared training loop: checkpoints, exact resume after an interruption, fingerprints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bids_harmony.nn.training import StepLoss, checkpoint_path, fingerprint, train
+
+STEPS = 10
+CHECKPOINT_EVERY = 3
+
+
+class Run:
+    """A small regression network with Adam and a step schedule, all seeded identically."""
+
+    def __init__(self) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.network = torch.nn.Sequential(
+                torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 1)
+            )
+        self.optimiser = torch.optim.Adam(self.network.parameters(), lr=1e-2)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimiser, 4, gamma=0.5)
+        self.generator = torch.Generator().manual_seed(1)
+        self.calls = 0
+
+    def step_loss(self, generator: torch.Generator) -> torch.Tensor:
+        """Mean squared error on a fresh batch drawn from ``generator`` alone."""
+        self.calls += 1
+        inputs = torch.randn(16, 4, generator=generator)
+        targets = inputs.sum(1, keepdim=True) + 0.1 * torch.randn(16, 1, generator=generator)
+        return torch.mean((self.network(inputs) - targets) ** 2)
+
+    def train(self, checkpoint: Path | None, step_loss: StepLoss | None = None) -> list[float]:
+        return train(
+            self.network, self.optimiser, step_loss or self.step_loss, STEPS, self.generator,
+            scheduler=self.scheduler, checkpoint=checkpoint, checkpoint_every=CHECKPOINT_EVERY,
+        )
+
+
+def interrupted_at(run: Run, call: int) -> StepLoss:
+    """``run.step_loss`` that stops the process (as Ctrl-C would) at its ``call``-th call."""
+
+    def step_loss(generator: torch.Generator) -> torch.Tensor:
+        if run.calls + 1 == call:
+            raise KeyboardInterrupt
+        return run.step_loss(generator)
+
+    return step_loss
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (name, left), right in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(left, right), name
+
+
+def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path: Path) -> None:
+    reference = Run()
+    expected = reference.train(checkpoint=None)
+    checkpoint = tmp_path / "run.pt"
+
+    interrupted = Run()
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train(checkpoint, interrupted_at(interrupted, call=8))
+    assert checkpoint.is_file()
+    assert torch.load(checkpoint, weights_only=True)["step"] == 6
+    assert not list(tmp_path.glob(".*.partial"))
+
+    resumed = Run()
+    losses = resumed.train(checkpoint)
+    assert resumed.calls == STEPS - 6  # steps saved in the checkpoint are not repeated
+    assert losses == expected
+    assert_same_weights(resumed.network, reference.network)
+    assert resumed.scheduler.state_dict() == reference.scheduler.state_dict()
+    assert not checkpoint.exists()
+    assert not resumed.network.training
+
+
+def test_checkpoints_do_not_change_the_result(tmp_path: Path) -> None:
+    reference, checkpointed = Run(), Run()
+    assert reference.train(None) == checkpointed.train(tmp_path / "run.pt")
+    assert_same_weights(checkpointed.network, reference.network)
+    assert not list(tmp_path.iterdir())
+
+
+def test_checkpoint_every_must_be_positive() -> None:
+    run = Run()
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        train(run.network, run.optimiser, run.step_loss, STEPS, run.generator,
+              checkpoint_every=0)
+
+
+def test_fingerprint_names_settings_and_data() -> None:
+    data = [np.zeros((4, 4), np.float32), np.ones(3, bool)]
+    name = fingerprint({"steps": 10, "lr": 1e-3}, data)
+    assert name == fingerprint({"lr": 1e-3, "steps": 10}, [a.copy() for a in data])
+    assert name != fingerprint({"steps": 11, "lr": 1e-3}, data)
+    changed = [data[0].copy(), data[1]]
+    changed[0][2, 1] = 1e-6
+    assert name != fingerprint({"steps": 10, "lr": 1e-3}, changed)
+    assert checkpoint_path(None, name) is None
+    assert checkpoint_path(Path("/work"), name) == Path("/work") / f"{name}.pt"
