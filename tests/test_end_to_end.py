@@ -213,7 +213,7 @@ def test_blind_method_trains_and_applies_through_the_cli(demo_run: dict, method:
     model = out / "models" / f"{method}_SiemensTrio3T"
     card = json.loads((model / "model_card.json").read_text())
     assert card["method"] == method and card["parameters"]["preset"] == "tiny"
-    assert card["training"]["reference_images"] == {"T1w": 4}
+    assert card["training"]["reference_images"] == {"T1w": 2}  # 2 demo heads at the target
     assert (model / "model.safetensors").is_file() and (model / "loss_T1w.png").is_file()
     assert not list((out / ".bids_harmony_work" / "checkpoints").rglob("*.pt"))
     run = _cli(bids, out, "participant", *common, "--participant-label", "01", "-v")
