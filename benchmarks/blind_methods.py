@@ -31,8 +31,6 @@ import argparse
 import csv
 import os
 import platform
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from datetime import date
@@ -41,6 +39,8 @@ from typing import Any
 
 import nibabel as nb
 import numpy as np
+
+from common import run_cli
 
 from bids_harmony.data.demo import DEFAULT_IXI_DIR, SITE_PROFILES, generate_demo_dataset
 from bids_harmony.harmonizers import HARMONIZERS, Harmonizer, Volume
@@ -54,16 +54,6 @@ SIMULATED_DOMAINS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "log": lambda x: np.log1p(3.0 * x),
     "gamma 0.7": lambda x: x**0.7,
 }
-
-
-def _cli(*args: object) -> float:
-    """Run the app; returns seconds. A failure stops the benchmark with the app's message."""
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "bids_harmony", *map(str, args)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"bids_harmony {' '.join(map(str, args[2:]))} failed:\n{result.stderr[-3000:]}")
-    return time.perf_counter() - start
 
 
 def _load_scans(bids: Path, out: Path) -> dict[tuple[str, str], Volume]:
@@ -142,7 +132,7 @@ def main() -> None:
         generate_demo_dataset(bids, n_subjects=args.subjects, n_sites=args.sites, seed=0,
                               anatomy=args.anatomy, ixi_dir=args.ixi_dir,
                               sequences=[SUFFIX])
-    preprocessing = _cli(bids, out, "participant", "--resolution", "2", "--nprocs", args.nprocs,
+    preprocessing = run_cli(bids, out, "participant", "--resolution", "2", "--nprocs", args.nprocs,
                          "--work-dir", args.work / "work")
     scans = _load_scans(bids, out)
     target = SITE_PROFILES[0].label

@@ -27,14 +27,13 @@ import csv
 import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
 from typing import Any
+
+from common import run_cli
 
 from bids_harmony.data.demo import DEFAULT_IXI_DIR, SITE_PROFILES, generate_demo_dataset
 from bids_harmony.harmonizers import HARMONIZERS
@@ -49,16 +48,6 @@ COLUMNS = (
     ("dice_target", "Dice vs target"), ("age_mae", "brain-age MAE (y)"),
     ("group_s", "group time (s)"),
 )
-
-
-def _cli(*args: object) -> float:
-    """Run the app; returns seconds. A failure stops the benchmark with the app's message."""
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "bids_harmony", *map(str, args)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"bids_harmony {' '.join(map(str, args[2:]))} failed:\n{result.stderr[-3000:]}")
-    return time.perf_counter() - start
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -107,9 +96,9 @@ def main() -> None:
         bids, out = Path(scratch) / "bids", Path(scratch) / "out"
         generate_demo_dataset(bids, n_subjects=args.subjects, n_sites=args.sites, seed=0,
                               anatomy="ixi", ixi_dir=args.ixi_dir)
-        preprocessing = _cli(bids, out, "participant", *common)
+        preprocessing = run_cli(bids, out, "participant", *common)
         for method in sorted(HARMONIZERS):
-            seconds = _cli(bids, out, "group", *common, "--method", method,
+            seconds = run_cli(bids, out, "group", *common, "--method", method,
                            "--target-site", target, "--preset", args.preset)
             result = json.loads((out / "group_evaluation.json").read_text())["sequences"][SUFFIX]
             if not rows:

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy.ndimage import gaussian_filter
+
+from phantoms import ellipsoid_phantom
 
 from bids_harmony.errors import NotFittedError, UsageError
 from bids_harmony.harmonizers import Volume, blindharmonydiff
@@ -32,15 +33,7 @@ SHAPE = (32, 32, 24)
 
 
 def phantom(subject: int, gamma: float = 1.0) -> Volume:
-    """A textured ellipsoid 'brain' in [0, 1]; ``gamma`` plays a site's contrast."""
-    rng = np.random.default_rng(subject)
-    grid = np.indices(SHAPE, dtype=np.float64)
-    centre = (np.array(SHAPE) - 1) / 2.0
-    r = np.sqrt(sum(((grid[i] - centre[i]) / (0.42 * SHAPE[i])) ** 2 for i in range(3)))
-    mask = r <= 1.0
-    texture = gaussian_filter(rng.standard_normal(SHAPE), 1.5)
-    data = np.clip(0.3 + 0.5 * (r < 0.7) + 0.15 * texture / texture.std(), 0.0, 1.0) ** gamma
-    return Volume((data * mask).astype(np.float32), mask)
+    return ellipsoid_phantom(SHAPE, subject, gamma)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -21,10 +22,10 @@ import torch
 from bids_harmony.errors import DataError, UsageError
 from bids_harmony.harmonizers.base import Volume, register
 from bids_harmony.harmonizers.learned import (
-    LOSS_HISTORY,
-    NETWORK_PREFIX,
     LearnedHarmonizer,
+    network_arrays,
     network_state,
+    resolve_settings,
 )
 from bids_harmony.nn import checkpoint_path, fingerprint, train
 from bids_harmony.nn.device import resolve_device, validate_device
@@ -119,17 +120,7 @@ class BlindHarmony(LearnedHarmonizer):
     loss_label: ClassVar[str] = "negative log-likelihood (bits / pixel)"
 
     def __init__(self, preset: str = "fast", **overrides: Any) -> None:
-        if preset not in PRESETS:
-            raise UsageError(
-                f"unknown blindharmony preset '{preset}'; choose one of {', '.join(PRESETS)}"
-            )
-        unknown = sorted(set(overrides) - set(PriorSettings.__dataclass_fields__))
-        if unknown:
-            raise UsageError(
-                f"unknown blindharmony parameter(s) {', '.join(unknown)}; known: "
-                f"{', '.join(PriorSettings.__dataclass_fields__)}"
-            )
-        settings = replace(PRESETS[preset], **overrides)
+        settings = resolve_settings(self.name, PRESETS, preset, overrides)
         _validate(settings)
         self.settings = settings
         super().__init__(preset=preset, **asdict(settings))
@@ -148,11 +139,7 @@ class BlindHarmony(LearnedHarmonizer):
         flow = build_spline_flow(settings.architecture, height, width, settings.seed)
         device = resolve_device(settings.device)
         losses = fit_flow(flow.to(device), slices, settings, self._checkpoint(slices))
-        state = {
-            NETWORK_PREFIX + name: tensor.detach().cpu().numpy()
-            for name, tensor in flow.state_dict().items()
-        }
-        state[LOSS_HISTORY] = np.asarray(losses, dtype=np.float32)
+        state = network_arrays(flow, losses)
         state[MEAN_IMAGE] = np.mean([im.data for im in reference], axis=0).astype(np.float32)
         return state
 
@@ -171,7 +158,7 @@ class BlindHarmony(LearnedHarmonizer):
         flow.to(device).eval()
         return harmonize_volume(flow, image, mean_image, settings, device)
 
-    def _checkpoint(self, slices: torch.Tensor) -> Any:
+    def _checkpoint(self, slices: torch.Tensor) -> Path | None:
         """The run's checkpoint file, named by what decides the weights: not the device,
         the checkpoint interval or the harmonization settings."""
         settings = {
@@ -186,11 +173,9 @@ def _validate(settings: PriorSettings) -> None:
     """Reject settings that cannot train or harmonize, naming the parameter."""
     for name in ("levels", "steps_per_level", "hidden_channels", "residual_blocks",
                  "batch_size", "steps", "dequantization_bits", "inference_batch",
-                 "checkpoint_every"):
+                 "checkpoint_every", "iterations"):
         if int(getattr(settings, name)) < 1:
             raise UsageError(f"blindharmony needs {name} >= 1, got {getattr(settings, name)}")
-    if settings.iterations < 1:
-        raise UsageError(f"blindharmony needs iterations >= 1, got {settings.iterations}")
     if not settings.learning_rate > 0:
         raise UsageError(f"blindharmony needs learning_rate > 0, got {settings.learning_rate}")
     if settings.slice_axis not in (0, 1, 2):

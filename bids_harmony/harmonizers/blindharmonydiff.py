@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,10 +26,10 @@ import torch
 from bids_harmony.errors import UsageError
 from bids_harmony.harmonizers.base import Volume, register
 from bids_harmony.harmonizers.learned import (
-    LOSS_HISTORY,
-    NETWORK_PREFIX,
     LearnedHarmonizer,
+    network_arrays,
     network_state,
+    resolve_settings,
 )
 from bids_harmony.interfaces.canny import canny_edges_at_ratio
 from bids_harmony.nn import VelocityUNet, checkpoint_path, fingerprint, train
@@ -126,19 +126,9 @@ class BlindHarmonyDiff(LearnedHarmonizer):
     loss_label: ClassVar[str] = "rectified-flow loss"
 
     def __init__(self, preset: str = "fast", **overrides: Any) -> None:
-        if preset not in PRESETS:
-            raise UsageError(
-                f"unknown blindharmonydiff preset '{preset}'; choose one of {', '.join(PRESETS)}"
-            )
-        unknown = sorted(set(overrides) - set(FlowSettings.__dataclass_fields__))
-        if unknown:
-            raise UsageError(
-                f"unknown blindharmonydiff parameter(s) {', '.join(unknown)}; known: "
-                f"{', '.join(FlowSettings.__dataclass_fields__)}"
-            )
         if "multipliers" in overrides:
             overrides["multipliers"] = tuple(int(m) for m in overrides["multipliers"])
-        settings = replace(PRESETS[preset], **overrides)
+        settings = resolve_settings(self.name, PRESETS, preset, overrides)
         _validate(settings)
         self.settings = settings
         params = asdict(settings)
@@ -167,12 +157,7 @@ class BlindHarmonyDiff(LearnedHarmonizer):
         }
         checkpoint = checkpoint_path(self.checkpoint_dir, fingerprint(run_settings, volumes))
         losses = train_velocity_field(network, volumes, settings, device, checkpoint)
-        state = {
-            NETWORK_PREFIX + name: tensor.detach().cpu().numpy()
-            for name, tensor in network.state_dict().items()
-        }
-        state[LOSS_HISTORY] = np.asarray(losses, dtype=np.float32)
-        return state
+        return network_arrays(network, losses)
 
     def _transform_sequence(self, image: Volume, state: dict[str, np.ndarray]) -> np.ndarray:
         settings = self.settings

@@ -3,13 +3,21 @@ training loss curve (thinned in the JSON, full as a PNG beside it)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from bids_harmony.errors import UsageError
 from bids_harmony.harmonizers.base import Harmonizer
+
+if TYPE_CHECKING:
+    import torch
+
+S = TypeVar("S")
 
 WEIGHTS_FILE = "model.safetensors"
 NETWORK_PREFIX = "net."
@@ -45,6 +53,34 @@ class LearnedHarmonizer(Harmonizer):
                 seq_state[LOSS_HISTORY], f"{type(self).__name__}, {sequence}",
                 self.loss_label, staging / f"loss_{sequence}.png",
             )
+
+
+def resolve_settings(
+    method: str, presets: Mapping[str, S], preset: str, overrides: Mapping[str, Any]
+) -> S:
+    """``presets[preset]`` with ``overrides`` replacing single fields; an unknown preset or
+    field is a one-line UsageError that lists the known ones."""
+    if preset not in presets:
+        raise UsageError(
+            f"unknown {method} preset '{preset}'; choose one of {', '.join(presets)}"
+        )
+    known = [field.name for field in fields(presets[preset])]  # type: ignore[arg-type]
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise UsageError(
+            f"unknown {method} parameter(s) {', '.join(unknown)}; known: {', '.join(known)}"
+        )
+    return replace(presets[preset], **overrides)  # type: ignore[type-var]
+
+
+def network_arrays(network: torch.nn.Module, losses: Sequence[float]) -> dict[str, np.ndarray]:
+    """A trained network's weights (``net.*``) and its loss history: a sequence's state."""
+    state = {
+        NETWORK_PREFIX + name: tensor.detach().cpu().numpy()
+        for name, tensor in network.state_dict().items()
+    }
+    state[LOSS_HISTORY] = np.asarray(losses, dtype=np.float32)
+    return state
 
 
 def network_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -53,7 +53,6 @@ def train(
     checkpoint: Path | None = None,
     checkpoint_every: int = 500,
     description: str = "training",
-    max_grad_norm: float | None = None,
 ) -> list[float]:
     """Run ``steps`` optimiser steps of ``step_loss``; returns the loss of every step.
 
@@ -80,8 +79,6 @@ def train(
             loss = step_loss(generator)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(network.parameters(), max_grad_norm)
             optimiser.step()
             if scheduler is not None:
                 scheduler.step()

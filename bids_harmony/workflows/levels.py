@@ -88,10 +88,11 @@ def preprocess(config: RunConfig, context: RunContext, model_dir: Path | None) -
     """Run the Nipype workflow on the images whose outputs are not all there yet."""
     from bids_harmony.workflows.base import expected_outputs, init_bids_harmony_wf
 
+    checksum = model_checksum(model_dir) if model_dir is not None else None
     todo = [
         image for image in context.images
         if not (config.resume and _is_complete(
-            expected_outputs(config, image, context.template, model_dir is not None), model_dir
+            expected_outputs(config, image, context.template, model_dir is not None), checksum
         ))
     ]
     skipped = len(context.images) - len(todo)
@@ -104,14 +105,13 @@ def preprocess(config: RunConfig, context: RunContext, model_dir: Path | None) -
     _run_workflow(workflow, config)
 
 
-def _is_complete(outputs: Sequence[Path], model_dir: Path | None) -> bool:
-    """Every expected sidecar exists and the harmonized ones come from ``model_dir``: an
+def _is_complete(outputs: Sequence[Path], checksum: str | None) -> bool:
+    """Every expected sidecar exists and the harmonized ones record the model ``checksum``: an
     image harmonized by an earlier model (another method or a refit) is done again."""
     if not all(path.is_file() for path in outputs):
         return False
-    if model_dir is None:
+    if checksum is None:
         return True
-    checksum = model_checksum(model_dir)
     return all(
         json.loads(path.read_text()).get("ModelChecksum") == checksum
         for path in outputs if "_desc-harmonized_" in path.name
