@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bids_harmony.harmonizers import Volume
+from bids_harmony.volume import Volume
 from bids_harmony.harmonizers.blindharmonydiff import BlindHarmonyDiff
 from bids_harmony.metrics import psnr, ssim
 

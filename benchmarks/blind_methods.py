@@ -43,7 +43,8 @@ import numpy as np
 from common import run_cli
 
 from bids_harmony.data.demo import DEFAULT_IXI_DIR, SITE_PROFILES, generate_demo_dataset
-from bids_harmony.harmonizers import HARMONIZERS, Harmonizer, Volume
+from bids_harmony.harmonizers import HARMONIZERS, Harmonizer
+from bids_harmony.volume import Volume
 from bids_harmony.metrics import pearson, psnr
 from bids_harmony.metrics.similarity import ssim_components
 

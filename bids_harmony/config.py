@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -33,6 +34,8 @@ class SkullStripped(StrEnum):
 
 
 NATIVE_SPACES = ("T1w", "native")
+#: Devices a learned harmonizer accepts: the command line and the harmonizers share the rule.
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ class RunConfig:
         """Snapshot the resolved configuration under ``OUTPUT_DIR/logs/<run-id>/config.toml``."""
         import tomli_w
 
-        from bids_harmony.bids.derivatives import atomic_write_text
+        from bids_harmony.fileio import atomic_write_text
 
         self.log_dir.mkdir(parents=True, exist_ok=True)
         path = self.log_dir / "config.toml"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from bids_harmony.harmonizers import Volume
+from bids_harmony.volume import Volume
 
 
 def ellipsoid_phantom(shape: tuple[int, int, int], subject: int, gamma: float = 1.0) -> Volume:

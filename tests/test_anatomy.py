@@ -7,7 +7,7 @@ from scipy import ndimage
 import pytest
 
 from bids_harmony.errors import DataError
-from bids_harmony.harmonizers import Volume
+from bids_harmony.volume import Volume
 from bids_harmony.metrics.anatomy import (
     anatomical_preservation,
     segment_tissues,

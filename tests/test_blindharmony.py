@@ -13,7 +13,7 @@ import torch
 from phantoms import ellipsoid_phantom
 
 from bids_harmony.errors import DataError, NotFittedError, UsageError
-from bids_harmony.harmonizers import Volume
+from bids_harmony.volume import Volume
 from bids_harmony.harmonizers.blindharmony import (
     PRESETS,
     BlindHarmony,

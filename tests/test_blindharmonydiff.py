@@ -14,7 +14,8 @@ import torch
 from phantoms import ellipsoid_phantom
 
 from bids_harmony.errors import NotFittedError, UsageError
-from bids_harmony.harmonizers import Volume, blindharmonydiff
+from bids_harmony.harmonizers import blindharmonydiff
+from bids_harmony.volume import Volume
 from bids_harmony.harmonizers.blindharmonydiff import (
     PRESETS,
     BlindHarmonyDiff,

@@ -17,7 +17,8 @@ from scipy.fft import dctn
 from scipy.ndimage import gaussian_filter
 
 from bids_harmony.errors import DataError, NotFittedError, UsageError
-from bids_harmony.harmonizers import HARMONIZERS, Harmonizer, Volume
+from bids_harmony.harmonizers import HARMONIZERS, Harmonizer
+from bids_harmony.volume import Volume
 from bids_harmony.harmonizers.base import resolve_target_site
 from bids_harmony.harmonizers.nyul import image_landmarks
 from bids_harmony.metrics import psnr, wasserstein

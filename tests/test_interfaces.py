@@ -18,7 +18,8 @@ from scipy import ndimage
 
 from bids_harmony.errors import DataError
 from bids_harmony.interfaces.brainmask import BrainExtraction, is_skull_stripped
-from bids_harmony.interfaces.canny import CannyEdges, canny_edges, canny_edges_at_ratio
+from bids_harmony.imaging.edges import canny_edges, canny_edges_at_ratio
+from bids_harmony.interfaces.canny import CannyEdges
 from bids_harmony.interfaces.n4 import N4BiasCorrection
 from bids_harmony.interfaces.normalize import PercentileNormalize, percentile_normalize
 from bids_harmony.interfaces.registration import ApplyTransforms, RegisterToTemplate

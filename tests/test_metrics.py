@@ -7,7 +7,7 @@ import pytest
 from scipy.ndimage import gaussian_filter
 from skimage.metrics import structural_similarity
 
-from bids_harmony.harmonizers import Volume
+from bids_harmony.volume import Volume
 from bids_harmony.metrics import (
     harmonization_qc,
     ncc,

@@ -2,7 +2,7 @@
 
 A small traveling-subject set of phantom images (3 participants x 3 sites, template-space
 ``desc-preproc`` images, brain and edge masks written where the participant level writes
-them) goes through the real ``fit_and_report``: fit, QC, evaluation, pages.
+them) goes through the real ``fit_group`` and ``write_group_outputs``: fit, QC, evaluation, pages.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from test_anatomy import render, tissue_phantom
 from bids_harmony.bids.layout import AnatImage
 from bids_harmony.config import AnalysisLevel, RunConfig
 from bids_harmony.data.templates import TemplateFiles
-from bids_harmony.workflows.base import derivative_path, mask_desc
-from bids_harmony.workflows.group import fit_and_report
+from bids_harmony.bids.paths import derivative_path, mask_desc
+from bids_harmony.reports import write_group_outputs
+from bids_harmony.workflows.group import fit_group
 
 CHROMIUM = Path("/usr/bin/chromium")
 TEMPLATE = "MNI152NLin2009aSym"
@@ -65,7 +66,7 @@ def group_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = RunConfig(bids_dir=bids, output_dir=out, analysis_level=AnalysisLevel.GROUP,
                        work_dir=root / "work", run_id="test", method="histmatch",
                        target_site="SiteA")
-    fit_and_report(config, images, template)
+    write_group_outputs(out, bids, fit_group(config, images, template))
     return out
 
 

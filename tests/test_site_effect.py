@@ -8,7 +8,7 @@ from scipy import ndimage
 from test_anatomy import render, tissue_phantom
 
 from bids_harmony.errors import DataError
-from bids_harmony.harmonizers import Volume
+from bids_harmony.volume import Volume
 from bids_harmony.metrics.anatomy import TISSUES, segment_tissues
 from bids_harmony.metrics.site_effect import (
     classify_sites,

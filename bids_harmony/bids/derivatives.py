@@ -1,4 +1,4 @@
-"""The derivative dataset's description and atomic text writes."""
+"""The derivative dataset's description, .bidsignore and README."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bids_harmony import __version__
+from bids_harmony.fileio import atomic_write_text
 
 
 def write_dataset_description(output_dir: Path, bids_dir: Path) -> Path:
@@ -51,13 +52,6 @@ outputs (desc-preproc, brain masks, Canny edge maps, transforms), per-image QC i
 sidecar, and the group tables and reports (group_*). See dataset_description.json for the
 version that wrote them and logs/<run-id>/config.toml for each run's configuration.
 """
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write then rename, so readers see the old file or the new one, never half of one."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text(text)
-    partial.replace(path)
 
 
 def _container() -> dict[str, str] | None:

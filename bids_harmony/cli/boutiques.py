@@ -12,7 +12,7 @@ import json
 from typing import Any, Callable
 
 from bids_harmony import __version__
-from bids_harmony.cli import parser as cli_parser
+from bids_harmony.cli.argtypes import positive_int, ratio
 from bids_harmony.errors import ExitCode
 
 CONTAINER_IMAGE = f"bidsharmony/bids_harmony:{__version__}"
@@ -24,8 +24,8 @@ PATH_DESTS = frozenset({"bids_dir", "site_map", "model"})
 NUMBER_TYPES: dict[Callable[[str], Any], dict[str, Any]] = {
     int: {"integer": True},
     float: {"integer": False},
-    cli_parser._positive_int: {"integer": True, "minimum": 1},
-    cli_parser._ratio: {"integer": False, "minimum": 0, "exclusive-minimum": True,
+    positive_int: {"integer": True, "minimum": 1},
+    ratio: {"integer": False, "minimum": 0, "exclusive-minimum": True,
                         "maximum": 1, "exclusive-maximum": True},
 }
 

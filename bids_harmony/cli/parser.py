@@ -7,15 +7,12 @@ the Boutiques descriptor are all derived from or checked against it.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from typing import NoReturn
 
 from bids_harmony import __version__
+from bids_harmony.cli.argtypes import device, positive_int, ratio
 from bids_harmony.errors import ExitCode
-
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-
 
 class BIDSAppArgumentParser(argparse.ArgumentParser):
     """argparse with the BIDS-Apps exit codes: 17 for an unknown level, 64 otherwise."""
@@ -39,26 +36,6 @@ class _PrintBoutiquesAction(argparse.Action):
 
         sys.stdout.write(descriptor_json(parser))
         parser.exit(0)
-
-
-def _device(value: str) -> str:
-    if not DEVICE_PATTERN.match(value):
-        raise argparse.ArgumentTypeError(f"'{value}' is not auto, cpu, cuda or cuda:N")
-    return value
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
-    return number
-
-
-def _ratio(value: str) -> float:
-    number = float(value)
-    if not 0.0 < number < 1.0:
-        raise argparse.ArgumentTypeError(f"{value} must lie strictly between 0 and 1")
-    return number
 
 
 def build_parser() -> BIDSAppArgumentParser:
@@ -113,7 +90,7 @@ def build_parser() -> BIDSAppArgumentParser:
                          help="size of a learned harmonizer trained at the group level: tiny "
                               "(tests, seconds on CPU), fast (one GPU), paper (the paper's "
                               "scale) (default: %(default)s)")
-    harmony.add_argument("--device", type=_device, default="auto",
+    harmony.add_argument("--device", type=device, default="auto",
                          help="auto (default), cpu, cuda or cuda:N (learned harmonizers)")
 
     preproc = parser.add_argument_group("preprocessing")
@@ -132,7 +109,7 @@ def build_parser() -> BIDSAppArgumentParser:
                          choices=["auto", "yes", "no"],
                          help="whether inputs are already brain-extracted (default auto: "
                               "detect; the bare flag means yes)")
-    preproc.add_argument("--edge-ratio", type=_ratio, default=0.08,
+    preproc.add_argument("--edge-ratio", type=ratio, default=0.08,
                          help="fraction of brain voxels the 3D Canny edge map keeps, threshold "
                               "searched per image as in BlindHarmonyDiff (default: %(default)s)")
     preproc.add_argument("--seed", type=int, default=42,
@@ -141,9 +118,9 @@ def build_parser() -> BIDSAppArgumentParser:
     perf = parser.add_argument_group("performance and bookkeeping")
     perf.add_argument("-w", "--work-dir", default=None,
                       help="working directory (default: OUTPUT_DIR/.bids_harmony_work)")
-    perf.add_argument("--nprocs", type=_positive_int, default=1,
+    perf.add_argument("--nprocs", type=positive_int, default=1,
                       help="parallel processes (default: %(default)s)")
-    perf.add_argument("--omp-nthreads", type=_positive_int, default=1,
+    perf.add_argument("--omp-nthreads", type=positive_int, default=1,
                       help="threads per process for registration (default: %(default)s)")
     perf.add_argument("--mem-gb", type=float, default=None, help="memory limit in GB")
     perf.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,

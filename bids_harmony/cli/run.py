@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(config.verbose, config.log_dir)
         LOGGER.info("bids_harmony run %s: config written to %s", config.run_id,
                     config.write_toml())
-        from bids_harmony.workflows.levels import run_group, run_participant
+        from bids_harmony.cli.levels import run_group, run_participant
 
         if config.analysis_level == "participant":
             run_participant(config)

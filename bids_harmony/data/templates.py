@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bids_harmony.bids.derivatives import atomic_write_text
+from bids_harmony.fileio import atomic_path, atomic_write_text
 from bids_harmony.errors import TemplateNotFoundError
 
 if TYPE_CHECKING:
@@ -151,7 +151,8 @@ def _write_bundled(folder: Path, resolution: int) -> None:
         image.header.set_xyzt_units("mm")
         image.set_qform(target_affine, code=4)
         image.set_sform(target_affine, code=4)
-        _atomic_save(image, folder / filename)
+        with atomic_path(folder / filename) as partial:
+            image.to_filename(partial)
 
 
 def _templateflow_home() -> Path:
@@ -187,12 +188,6 @@ def _download(name: str, resolution: int) -> TemplateFiles | None:
 
 def _non_empty(path: Path) -> bool:
     return path.is_file() and path.stat().st_size > 0
-
-
-def _atomic_save(image: nb.Nifti1Image, path: Path) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.nii.gz")
-    image.to_filename(partial)
-    partial.replace(path)
 
 
 

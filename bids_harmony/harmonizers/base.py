@@ -15,11 +15,8 @@ import hashlib
 import importlib
 import json
 import os
-import shutil
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -27,6 +24,8 @@ import numpy as np
 
 from bids_harmony import __version__
 from bids_harmony.errors import DataError, InputMissingError, NotFittedError, UsageError
+from bids_harmony.fileio import atomic_directory, sha256_file
+from bids_harmony.volume import Volume
 
 MODEL_CARD = "model_card.json"
 UNIFIED = "unified"
@@ -34,30 +33,6 @@ AUTO = "auto"
 # Quantiles of the target reference's brain intensities, kept for every method so QC can
 # measure how close a harmonized image's distribution came to the target (Wasserstein).
 REFERENCE_QUANTILES = "reference_quantiles"
-
-
-@dataclass(frozen=True)
-class Volume:
-    """A brain image in template space with its brain mask.
-
-    ``data`` is float32 and normalised to [0, 1] inside ``mask`` (1st-99th percentile
-    min-max); voxels outside the mask are 0.
-    """
-
-    data: np.ndarray
-    mask: np.ndarray
-
-    def __post_init__(self) -> None:
-        if self.data.shape != self.mask.shape:
-            raise DataError(
-                f"image shape {self.data.shape} differs from mask shape {self.mask.shape}; "
-                "resample both to the same template grid"
-            )
-
-    @property
-    def brain(self) -> np.ndarray:
-        """Intensities inside the mask, as a flat float array."""
-        return self.data[self.mask.astype(bool)]
 
 
 class Harmonizer(ABC):
@@ -114,7 +89,7 @@ class Harmonizer(ABC):
                     "choose another --target-site or drop that --suffix"
                 )
             reference_counts[sequence] = len(reference)
-            state[sequence] = self._fit_sequence(reference, seq_images, seq_sites)
+            state[sequence] = self._fit_sequence(reference)
             state[sequence][REFERENCE_QUANTILES] = np.quantile(
                 np.concatenate([im.brain for im in reference]), np.linspace(0.0, 1.0, 1001)
             ).astype(np.float32)
@@ -146,24 +121,18 @@ class Harmonizer(ABC):
         """Write the state file and ``model_card.json`` into ``directory`` atomically."""
         self._check_fitted()
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        staging.chmod(0o777 & ~_current_umask())  # mkdtemp's 0700 would hide it from the lab
         arrays = {
             f"{sequence}/{key}": np.ascontiguousarray(value)
             for sequence, seq_state in self.state_.items()
             for key, value in seq_state.items()
         }
-        self._write_state(arrays, staging / self.state_file)
-        card = self.model_card()
-        card["state_file"] = self.state_file
-        card["state_sha256"] = sha256_file(staging / self.state_file)
-        self._add_to_card(card, staging)
-        (staging / MODEL_CARD).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-        if directory.exists():
-            _replace_directory(staging, directory)
-        else:
-            staging.rename(directory)
+        with atomic_directory(directory) as staging:
+            self._write_state(arrays, staging / self.state_file)
+            card = self.model_card()
+            card["state_file"] = self.state_file
+            card["state_sha256"] = sha256_file(staging / self.state_file)
+            self._add_to_card(card, staging)
+            (staging / MODEL_CARD).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
         return directory
 
     @classmethod
@@ -222,12 +191,7 @@ class Harmonizer(ABC):
 
     # -- to implement ----------------------------------------------------------------------
     @abstractmethod
-    def _fit_sequence(
-        self,
-        reference: Sequence[Volume],
-        images: Sequence[Volume],
-        sites: Sequence[str],
-    ) -> dict[str, np.ndarray]:
+    def _fit_sequence(self, reference: Sequence[Volume]) -> dict[str, np.ndarray]:
         """Return the fitted arrays for one sequence (keys as in ``_state_keys``)."""
 
     @abstractmethod
@@ -341,28 +305,3 @@ def checksum_images(images: Sequence[Volume]) -> str:
 def model_checksum(directory: str | os.PathLike[str]) -> str:
     """``sha256:<hex>`` of a saved model's card: what every harmonized sidecar records."""
     return f"sha256:{sha256_file(Path(directory) / MODEL_CARD)}"
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _replace_directory(new: Path, old: Path) -> None:
-    """Swap ``new`` into place of ``old`` so readers never see a half-written model."""
-    trash = old.with_name(f".{old.name}.old")
-    if trash.exists():
-        shutil.rmtree(trash)
-    old.rename(trash)
-    new.rename(old)
-    shutil.rmtree(trash)

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from bids_harmony.errors import DataError, UsageError
-from bids_harmony.harmonizers.base import Volume, register
+from bids_harmony.harmonizers.base import register
+from bids_harmony.volume import Volume
 from bids_harmony.harmonizers.learned import (
     LearnedHarmonizer,
     network_arrays,
@@ -126,12 +127,7 @@ class BlindHarmony(LearnedHarmonizer):
         super().__init__(preset=preset, **asdict(settings))
 
     # -- contract --------------------------------------------------------------------------
-    def _fit_sequence(
-        self,
-        reference: Sequence[Volume],
-        images: Sequence[Volume],
-        sites: Sequence[str],
-    ) -> dict[str, np.ndarray]:
+    def _fit_sequence(self, reference: Sequence[Volume]) -> dict[str, np.ndarray]:
         settings = self.settings
         _check_same_grid(reference)
         slices = training_slices(reference, settings)

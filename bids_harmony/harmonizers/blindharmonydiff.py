@@ -24,14 +24,15 @@ import numpy as np
 import torch
 
 from bids_harmony.errors import UsageError
-from bids_harmony.harmonizers.base import Volume, register
+from bids_harmony.harmonizers.base import register
+from bids_harmony.volume import Volume
 from bids_harmony.harmonizers.learned import (
     LearnedHarmonizer,
     network_arrays,
     network_state,
     resolve_settings,
 )
-from bids_harmony.interfaces.canny import canny_edges_at_ratio
+from bids_harmony.imaging.edges import canny_edges_at_ratio
 from bids_harmony.nn import VelocityUNet, checkpoint_path, fingerprint, train
 from bids_harmony.nn.device import resolve_device, validate_device
 
@@ -136,12 +137,7 @@ class BlindHarmonyDiff(LearnedHarmonizer):
         super().__init__(preset=preset, **params)
 
     # -- contract --------------------------------------------------------------------------
-    def _fit_sequence(
-        self,
-        reference: Sequence[Volume],
-        images: Sequence[Volume],
-        sites: Sequence[str],
-    ) -> dict[str, np.ndarray]:
+    def _fit_sequence(self, reference: Sequence[Volume]) -> dict[str, np.ndarray]:
         settings = self.settings
         device = resolve_device(settings.device)
         network = build_network(settings)

@@ -8,7 +8,8 @@ from typing import ClassVar
 import numpy as np
 
 from bids_harmony.errors import UsageError
-from bids_harmony.harmonizers.base import Harmonizer, Volume, register
+from bids_harmony.harmonizers.base import Harmonizer, register
+from bids_harmony.volume import Volume
 
 
 @register("histmatch")
@@ -37,12 +38,7 @@ class HistogramMatching(Harmonizer):
             raise UsageError(f"histmatch needs n_quantiles >= 2, got {n_quantiles}")
         super().__init__(n_quantiles=int(n_quantiles))
 
-    def _fit_sequence(
-        self,
-        reference: Sequence[Volume],
-        images: Sequence[Volume],
-        sites: Sequence[str],
-    ) -> dict[str, np.ndarray]:
+    def _fit_sequence(self, reference: Sequence[Volume]) -> dict[str, np.ndarray]:
         levels = quantile_levels(self.params["n_quantiles"])
         return {"levels": levels, "quantiles": pooled_quantiles(reference, levels)}
 

@@ -105,15 +105,13 @@ def summarise_losses(losses: np.ndarray) -> tuple[list[int], list[float]]:
 
 def plot_loss_curve(losses: np.ndarray, title: str, label: str, path: Path) -> None:
     """Training loss per step (and its running mean) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib.figure import Figure
 
     losses = np.asarray(losses, dtype=np.float64)
     window = max(1, losses.size // 50)
     running = np.convolve(losses, np.ones(window) / window, mode="valid")
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure = Figure(figsize=(6, 3.5))
+    axis = figure.subplots()
     axis.plot(np.arange(1, losses.size + 1), losses, lw=0.5, alpha=0.4, label="per step")
     axis.plot(np.arange(window, losses.size + 1), running, lw=1.5, label=f"mean of {window}")
     axis.set_xlabel("training step")
@@ -124,4 +122,3 @@ def plot_loss_curve(losses: np.ndarray, title: str, label: str, path: Path) -> N
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)

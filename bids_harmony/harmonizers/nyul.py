@@ -8,7 +8,8 @@ from typing import ClassVar
 import numpy as np
 
 from bids_harmony.errors import DataError, UsageError
-from bids_harmony.harmonizers.base import Harmonizer, Volume, register
+from bids_harmony.harmonizers.base import Harmonizer, register
+from bids_harmony.volume import Volume
 
 DEFAULT_PERCENTILES = (1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0)
 
@@ -49,12 +50,7 @@ class Nyul(Harmonizer):
             )
         super().__init__(percentiles=chosen)
 
-    def _fit_sequence(
-        self,
-        reference: Sequence[Volume],
-        images: Sequence[Volume],
-        sites: Sequence[str],
-    ) -> dict[str, np.ndarray]:
+    def _fit_sequence(self, reference: Sequence[Volume]) -> dict[str, np.ndarray]:
         percentiles = np.asarray(self.params["percentiles"], dtype=np.float64)
         landmarks = np.array([image_landmarks(image, percentiles) for image in reference])
         s1, s2 = landmarks[:, 0].mean(), landmarks[:, -1].mean()

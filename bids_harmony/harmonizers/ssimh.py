@@ -9,7 +9,8 @@ import numpy as np
 from scipy.fft import dctn, idctn
 
 from bids_harmony.errors import DataError, UsageError
-from bids_harmony.harmonizers.base import Harmonizer, Volume, register
+from bids_harmony.harmonizers.base import Harmonizer, register
+from bids_harmony.volume import Volume
 
 
 @register("ssimh")
@@ -36,12 +37,7 @@ class SpectrumSwap(Harmonizer):
             raise UsageError(f"ssimh needs an integer cutoff >= 1, got {cutoff}")
         super().__init__(cutoff=int(cutoff))
 
-    def _fit_sequence(
-        self,
-        reference: Sequence[Volume],
-        images: Sequence[Volume],
-        sites: Sequence[str],
-    ) -> dict[str, np.ndarray]:
+    def _fit_sequence(self, reference: Sequence[Volume]) -> dict[str, np.ndarray]:
         shapes = {image.data.shape for image in reference}
         if len(shapes) > 1:
             raise DataError(

@@ -8,7 +8,8 @@ from typing import ClassVar
 import numpy as np
 
 from bids_harmony.errors import DataError, UsageError
-from bids_harmony.harmonizers.base import Harmonizer, Volume, register
+from bids_harmony.harmonizers.base import Harmonizer, register
+from bids_harmony.volume import Volume
 
 # Our names for intensity_normalization's peak rules, keyed to the modality that selects them.
 WM_PEAK_RULES = {"last": "t1", "largest": "t2", "first": "pd"}
@@ -50,12 +51,7 @@ class WhiteStripe(Harmonizer):
             )
         super().__init__(width=float(width), wm_peak=wm_peak)
 
-    def _fit_sequence(
-        self,
-        reference: Sequence[Volume],
-        images: Sequence[Volume],
-        sites: Sequence[str],
-    ) -> dict[str, np.ndarray]:
+    def _fit_sequence(self, reference: Sequence[Volume]) -> dict[str, np.ndarray]:
         stats = np.array([self._stripe_mean_std(image) for image in reference])
         return {"target_mean": np.asarray(stats[:, 0].mean()),
                 "target_std": np.asarray(stats[:, 1].mean())}

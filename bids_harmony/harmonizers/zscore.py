@@ -8,7 +8,8 @@ from typing import ClassVar
 import numpy as np
 
 from bids_harmony.errors import DataError
-from bids_harmony.harmonizers.base import Harmonizer, Volume, register
+from bids_harmony.harmonizers.base import Harmonizer, register
+from bids_harmony.volume import Volume
 
 
 @register("zscore")
@@ -26,12 +27,7 @@ class ZScore(Harmonizer):
 
     _state_keys: ClassVar[tuple[str, ...]] = ("target_mean", "target_std")
 
-    def _fit_sequence(
-        self,
-        reference: Sequence[Volume],
-        images: Sequence[Volume],
-        sites: Sequence[str],
-    ) -> dict[str, np.ndarray]:
+    def _fit_sequence(self, reference: Sequence[Volume]) -> dict[str, np.ndarray]:
         stats = np.array([brain_mean_std(image) for image in reference])
         return {"target_mean": np.asarray(stats[:, 0].mean()),
                 "target_std": np.asarray(stats[:, 1].mean())}

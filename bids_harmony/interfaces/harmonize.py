@@ -21,6 +21,8 @@ from nipype.interfaces.base import (
 class _HarmonizeInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="normalised image in template space")
     mask_file = File(exists=True, mandatory=True, desc="brain mask on the same grid")
+    edges_file = File(exists=True, mandatory=True,
+                      desc="the pipeline's 3D Canny edge map (desc-edges) on the same grid")
     model_dir = Directory(exists=True, mandatory=True, desc="a saved harmonizer")
     sequence = traits.Str(mandatory=True, desc="BIDS suffix of the image, e.g. T1w")
 
@@ -43,13 +45,14 @@ class Harmonize(SimpleInterface):
 
     def _run_interface(self, runtime: Any) -> Any:
         from bids_harmony.harmonizers import load_harmonizer
-        from bids_harmony.harmonizers.base import MODEL_CARD, Volume, model_checksum
+        from bids_harmony.harmonizers.base import MODEL_CARD, model_checksum
         from bids_harmony.metrics import harmonization_qc
+        from bids_harmony.volume import EDGES, load_volume
 
         harmonizer = load_harmonizer(Path(self.inputs.model_dir))
         image = nb.load(self.inputs.in_file)
-        mask = np.asarray(nb.load(self.inputs.mask_file).dataobj) > 0
-        source = Volume(np.asarray(image.dataobj, dtype=np.float32), mask)
+        source = load_volume(self.inputs.in_file, self.inputs.mask_file,
+                             {EDGES: self.inputs.edges_file})
         harmonized = harmonizer.transform(source, self.inputs.sequence)
         out_file = os.path.join(runtime.cwd, "harmonized.nii.gz")
         out = nb.Nifti1Image(harmonized, image.affine, image.header)

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from bids_harmony.errors import DataError
-from bids_harmony.harmonizers.base import Volume
+from bids_harmony.volume import Volume
 
 TISSUES = ("CSF", "GM", "WM")
 # Tissue order from darkest to brightest per sequence; labels are 1 + index in TISSUES.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bids_harmony.harmonizers.base import Volume
+from bids_harmony.volume import Volume
 from bids_harmony.metrics.similarity import ncc, ssim_components, wasserstein
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from bids_harmony.errors import DataError
-from bids_harmony.harmonizers.base import Volume
+from bids_harmony.volume import Volume
 from bids_harmony.metrics.similarity import ssim_components, wasserstein
 
 INTENSITY_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)

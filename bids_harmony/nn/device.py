@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from bids_harmony.config import DEVICE_PATTERN
 from bids_harmony.errors import UsageError
 
 
 def validate_device(device: str) -> None:
     """Reject a device string that is neither ``auto``, ``cpu`` nor ``cuda[:N]``."""
-    if device != "auto" and not device.startswith(("cpu", "cuda")):
+    if not DEVICE_PATTERN.match(device):
         raise UsageError(f"device must be auto, cpu or cuda[:N], got {device!r}")
 
 

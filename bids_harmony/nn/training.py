@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from bids_harmony.fileio import atomic_path
 
 LOGGER = logging.getLogger(__name__)
 
@@ -115,9 +116,8 @@ def _save(
     }
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
-    partial = path.with_name(f".{path.name}.partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
+    with atomic_path(path) as partial:
+        torch.save(state, partial)
 
 
 def _restore(

@@ -24,7 +24,7 @@ import numpy as np
 from bids_harmony import __version__
 from bids_harmony.bids.layout import AnatImage
 from bids_harmony.errors import DataError
-from bids_harmony.harmonizers.base import Volume
+from bids_harmony.volume import Volume
 from bids_harmony.metrics.anatomy import (
     INTENSITY_ORDER,
     TISSUES,

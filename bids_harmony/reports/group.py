@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from bids_harmony.bids.derivatives import atomic_write_text
+from bids_harmony.fileio import atomic_write_text, write_tsv
 from bids_harmony.metrics.anatomy import TISSUES
 from bids_harmony.reports.evaluation import STAGES
 from bids_harmony.reports.html import figure, flag_dot, number, page, save_figure, table
@@ -182,16 +182,14 @@ def _images_section(evaluation: Mapping[str, Any]) -> str:
 def _plot_site_heatmaps(path: Path, result: Mapping[str, Any], suffix: str) -> None:
     """Paper 002 Fig. 5 layout: site x site Wasserstein distances, before and after, on one
     colour scale; below them the luminance SSIM between site mean images."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     rows = (("site_wasserstein", "Wasserstein distance", "magma_r"),
             ("site_luminance_ssim", "luminance SSIM", "viridis"))
     sites = result["site_wasserstein"]["sites"]
     size = max(3.2, 0.9 * len(sites) + 1.5)
-    figure, axes = plt.subplots(2, 2, figsize=(2 * size + 1.5, 2 * size), squeeze=False)
+    figure = Figure(figsize=(2 * size + 1.5, 2 * size))
+    axes = figure.subplots(2, 2, squeeze=False)
     for row_axes, (key, label, colours) in zip(axes, rows):
         matrices = [np.asarray(result[key][stage]) for stage in STAGES]
         low = min(m.min() for m in matrices)
@@ -214,20 +212,15 @@ def _write_classification_tsv(path: Path, evaluation: Mapping[str, Any]) -> None
     columns = ["suffix", "stage", "balanced_accuracy", "balanced_accuracy_sd", "macro_f1",
                "macro_f1_sd", "chance_level", "n_sites", "n_samples", "n_splits", "n_repeats",
                "note"]
-    lines = ["\t".join(columns)]
+    rows = []
     for suffix, result in evaluation["sequences"].items():
         classification = result["site_classification"]
         if "skipped" in classification:
             continue
         for stage in STAGES:
-            values = {**classification[stage], **classification[stage]["validation"],
-                      "suffix": suffix, "stage": stage}
-            lines.append("\t".join(_tsv_cell(values[c]) for c in columns))
-    atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def _tsv_cell(value: Any) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
+            rows.append({**classification[stage], **classification[stage]["validation"],
+                         "suffix": suffix, "stage": stage})
+    write_tsv(path, rows, columns)
 
 
 def image_counts(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bids_harmony.fileio import atomic_path
+
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1300px;
        color: #222; }
@@ -100,11 +102,10 @@ def flag_dot(flag: str) -> str:
     return f'<span class="flag flag-{flag}" title="{flag}"></span> {flag}'
 
 
-def save_figure(figure_: Any, path: Path) -> None:
-    """Save a matplotlib figure through a partial file so a reader never sees half a PNG."""
-    import matplotlib.pyplot as plt
+def save_figure(figure_: Any, path: Path, dpi: int = 90) -> None:
+    """Save a matplotlib ``Figure`` as PNG through a partial file (no half PNG is ever seen).
 
-    partial = path.with_name(f".{path.name}.partial.png")
-    figure_.savefig(partial, dpi=90)
-    plt.close(figure_)
-    partial.replace(path)
+    Figures are built with ``matplotlib.figure.Figure`` rather than pyplot, so no global
+    backend is chosen and no figure registry has to be closed."""
+    with atomic_path(path) as partial:
+        figure_.savefig(partial, dpi=dpi, format="png")

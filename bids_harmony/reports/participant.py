@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from bids_harmony.bids.derivatives import atomic_write_text
+from bids_harmony.fileio import atomic_write_text
 from bids_harmony.reports.evaluation import AMBER_BELOW, FLAGGED_MEASURES, RED_BELOW, GroupImages
 from bids_harmony.reports.group import FIGURES, REPORT_NAME
 from bids_harmony.reports.html import figure, flag_dot, number, page, save_figure
@@ -86,16 +86,14 @@ def _image_section(key: str, site: str, row: Mapping[str, Any], mosaic: str) -> 
 def _plot_mosaic(path: Path, source: np.ndarray, harmonized: np.ndarray, edges: np.ndarray,
                  mask: np.ndarray, title: str) -> None:
     """Rows: source, harmonized, source edges (red) over harmonized, harmonized - source."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     cuts = _slice_positions(mask)
     difference = np.where(mask, harmonized - source, 0.0)
     limit = max(float(np.abs(difference).max()), 1e-6)
     n_columns = len(PLANES) * len(SLICE_FRACTIONS)
-    figure_, axes = plt.subplots(4, n_columns, figsize=(1.6 * n_columns, 7.2))
+    figure_ = Figure(figsize=(1.6 * n_columns, 7.2))
+    axes = figure_.subplots(4, n_columns)
     for column, (plane, axis_index, position) in enumerate(
             (p, a, pos) for p, a in PLANES for pos in cuts[a]):
         def cut(volume: np.ndarray, axis: int = axis_index, index: int = position) -> np.ndarray:

@@ -14,6 +14,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from bids_harmony.bids.layout import AnatImage
+from bids_harmony.bids.paths import REFERENCE_SUFFIX, derivative_path, mask_desc
 from bids_harmony.config import RunConfig
 from bids_harmony.data.templates import TemplateFiles
 from bids_harmony.interfaces.datasink import AtomicDerivativesDataSink
@@ -23,25 +24,6 @@ from bids_harmony.interfaces.transforms import CompositeTransform
 from bids_harmony.workflows.anatomical import init_anat_preproc_wf
 
 LOGGER = logging.getLogger("bids_harmony")
-REFERENCE_SUFFIX = "T1w"
-
-
-def mask_desc(kind: str, image: AnatImage) -> str:
-    """``desc`` label of a mask derived from ``image``: ``brain`` / ``edges`` for the T1w
-    (the names sMRIPrep users expect), ``brainT2w`` / ``edgesT2w`` for other sequences, since
-    a session's T1w and T2w masks would otherwise share one file name."""
-    return kind if image.suffix == REFERENCE_SUFFIX else f"{kind}{image.suffix}"
-
-
-def derivative_path(output_dir: Path, image: AnatImage, space: str | None, desc: str,
-                    suffix: str | None = None, extension: str = ".nii.gz") -> Path:
-    """Where the sink writes a derivative of ``image`` (entities keep the BIDS order)."""
-    stem = image.key[: -len(image.suffix) - 1]
-    parts = [stem] + ([f"space-{space}"] if space else []) + [f"desc-{desc}"]
-    folder = output_dir / f"sub-{image.subject}"
-    if image.session:
-        folder = folder / f"ses-{image.session}"
-    return folder / "anat" / f"{'_'.join(parts)}_{suffix or image.suffix}{extension}"
 
 
 def expected_outputs(config: RunConfig, image: AnatImage, template: TemplateFiles,
@@ -177,7 +159,8 @@ def _connect_derivatives(
                           suffix=image.suffix, **common)
     workflow.connect([
         (preproc_wf, harmonize, [("outputnode.preproc", "in_file"),
-                                 ("outputnode.mask", "mask_file")]),
+                                 ("outputnode.mask", "mask_file"),
+                                 ("outputnode.edges", "edges_file")]),
         (harmonize, harmonized_meta, [("metadata", "dynamic")]),
         (harmonize, ds_harmonized, [("out_file", "in_file")]),
         (harmonized_meta, ds_harmonized, [("meta", "meta_dict")]),

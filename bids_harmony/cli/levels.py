@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from bids_harmony.bids.layout import (
 from bids_harmony.config import RunConfig
 from bids_harmony.data.templates import TemplateFiles, resolve_template
 from bids_harmony.errors import DataError, HarmonyError, InputMissingError, UsageError
+from bids_harmony.fileio import write_tsv
 from bids_harmony.harmonizers.base import model_checksum
 
 LOGGER = logging.getLogger("bids_harmony")
@@ -77,11 +77,13 @@ def run_participant(config: RunConfig) -> None:
 
 def run_group(config: RunConfig) -> None:
     """Preprocess what is missing, fit the harmonizer on all images, write group QC."""
-    from bids_harmony.workflows.group import fit_and_report
+    from bids_harmony.reports import write_group_outputs
+    from bids_harmony.workflows.group import fit_group
 
     context = prepare(config)
     preprocess(config, context, model_dir=None)
-    fit_and_report(config, context.images, context.template)
+    fit = fit_group(config, context.images, context.template)
+    write_group_outputs(config.output_dir, config.bids_dir, fit)
 
 
 def preprocess(config: RunConfig, context: RunContext, model_dir: Path | None) -> None:
@@ -183,14 +185,7 @@ def _first_crash_message(log_dir: Path) -> str | None:
 def _write_sites(output_dir: Path, images: Sequence[AnatImage]) -> None:
     """Print and write OUTPUT_DIR/sites.tsv; list traveling subjects."""
     rows = site_table(images)
-    path = output_dir / "sites.tsv"
-    partial = path.with_name(".sites.tsv.partial")
-    with partial.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["site", "suffix", "count", "found_in"],
-                                delimiter="\t", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    partial.replace(path)
+    write_tsv(output_dir / "sites.tsv", rows, ["site", "suffix", "count", "found_in"])
     for row in rows:
         LOGGER.info("site %-24s %-6s %3d images (from %s)", row["site"], row["suffix"],
                     row["count"], row["found_in"])

@@ -1,0 +1,30 @@
+"""argparse value types of the command line (the Boutiques descriptor reads their bounds)."""
+
+from __future__ import annotations
+
+import argparse
+
+from bids_harmony.config import DEVICE_PATTERN
+
+
+def device(value: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    if not DEVICE_PATTERN.match(value):
+        raise argparse.ArgumentTypeError(f"'{value}' is not auto, cpu, cuda or cuda:N")
+    return value
+
+
+def positive_int(value: str) -> int:
+    """An integer of 1 or more."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
+    return number
+
+
+def ratio(value: str) -> float:
+    """A number strictly between 0 and 1."""
+    number = float(value)
+    if not 0.0 < number < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} must lie strictly between 0 and 1")
+    return number

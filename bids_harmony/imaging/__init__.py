@@ -1,0 +1,1 @@
+"""Image-processing algorithms no maintained library offers as such (ground floor)."""
