@@ -57,8 +57,8 @@ def with_precision(fitted: BlindHarmonyDiff, precision: str) -> BlindHarmonyDiff
     """``fitted``'s weights under another inference precision (same seed, same noise)."""
     params = {k: v for k, v in fitted.params.items() if k not in ("preset", "precision")}
     twin = BlindHarmonyDiff(preset=fitted.params["preset"], **params, precision=precision)
-    twin.state_, twin.target_site_, twin.training_ = (
-        fitted.state_, fitted.target_site_, fitted.training_
+    twin.state_, twin.shared_state_, twin.target_site_, twin.training_ = (
+        fitted.state_, fitted.shared_state_, fitted.target_site_, fitted.training_
     )
     return twin
 

@@ -26,7 +26,10 @@ import time
 from datetime import date
 from pathlib import Path
 
-METHODS = ("histmatch", "nyul", "ssimh", "whitestripe", "zscore")
+from bids_harmony.harmonizers import HARMONIZERS
+
+#: The registered methods without presets: every classical harmonizer, a new one included.
+METHODS = tuple(name for name, info in HARMONIZERS.methods.items() if not info.presets)
 TARGET = "SiemensTrio3T"
 METRICS = ("paired_ssim", "paired_psnr", "paired_pcc")
 

@@ -98,8 +98,9 @@ def main() -> None:
                               anatomy="ixi", ixi_dir=args.ixi_dir)
         preprocessing = run_cli(bids, out, "participant", *common)
         for method in sorted(HARMONIZERS):
+            preset = ["--preset", args.preset] if HARMONIZERS.methods[method].presets else []
             seconds = run_cli(bids, out, "group", *common, "--method", method,
-                           "--target-site", target, "--preset", args.preset)
+                              "--target-site", target, *preset)
             result = json.loads((out / "group_evaluation.json").read_text())["sequences"][SUFFIX]
             if not rows:
                 rows.append({"method": "source (no harmonization)",

@@ -1,13 +1,22 @@
-"""One frozen run configuration, built by the CLI and written next to the outputs as TOML."""
+"""One frozen run configuration, built by the CLI and written next to the outputs as TOML.
+
+The snapshot ``logs/<run>/config.toml`` reads back with :meth:`RunConfig.from_toml` (and
+``bids_harmony --config FILE``), so a run can be replayed.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import types
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from bids_harmony.errors import InputMissingError, UsageError
+
+TOML_TABLE = "bids_harmony"
 
 
 class StrEnum(str, Enum):
@@ -15,6 +24,10 @@ class StrEnum(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+    def __repr__(self) -> str:
+        """The bare value, so argparse's "choose from" lists read 'fast', not <Preset...>."""
+        return repr(self.value)
 
 
 class AnalysisLevel(StrEnum):
@@ -55,7 +68,10 @@ class RunConfig:
     site_column: str = "site"
     site_map: Path | None = None
     model: Path | None = None
-    preset: str = "fast"
+    #: ``None``: the method's own default preset (learned methods only have presets).
+    preset: str | None = None
+    #: ``--harmonizer-param KEY=VALUE`` as given (strings, typed by the method's schema).
+    harmonizer_params: tuple[tuple[str, str], ...] = ()
     device: str = "auto"
     template: str | None = None
     resolution: int = 1
@@ -91,10 +107,23 @@ class RunConfig:
                 value = value.value
             elif isinstance(value, Path):
                 value = str(value)
+            elif field.name == "harmonizer_params":
+                value = dict(value)
             elif isinstance(value, tuple):
                 value = list(value)
             out[field.name] = value
-        return {"bids_harmony": out}
+        return {TOML_TABLE: out}
+
+    @classmethod
+    def from_toml(cls, path: Path) -> RunConfig:
+        """The configuration a ``write_toml`` snapshot (or a hand-written file) holds."""
+        values = read_toml_values(path)
+        missing = [field.name for field in dataclasses.fields(cls)
+                   if field.default is dataclasses.MISSING and field.name not in values]
+        if missing:
+            raise UsageError(f"{path} lacks {', '.join(missing)}; add them under "
+                             f"[{TOML_TABLE}] or give them on the command line")
+        return cls(**values)
 
     def write_toml(self) -> Path:
         """Snapshot the resolved configuration under ``OUTPUT_DIR/logs/<run-id>/config.toml``."""
@@ -106,3 +135,66 @@ class RunConfig:
         path = self.log_dir / "config.toml"
         atomic_write_text(path, tomli_w.dumps(self.to_toml_dict()))
         return path
+
+
+def read_toml_values(path: Path) -> dict[str, Any]:
+    """The ``[bids_harmony]`` table of a config file, typed as ``RunConfig`` fields; keys
+    may be missing (``--config`` fills in the rest from the command line)."""
+    import tomllib
+
+    try:
+        table = tomllib.loads(Path(path).read_text(encoding="utf-8")).get(TOML_TABLE)
+    except FileNotFoundError:
+        raise InputMissingError(f"--config {path} not found; check the path") from None
+    except OSError as error:
+        raise UsageError(f"--config {path}: cannot read it ({error.strerror}); check the "
+                         "path") from None
+    except tomllib.TOMLDecodeError as error:
+        raise UsageError(f"--config {path} is not valid TOML ({error}); fix the file") from None
+    if not isinstance(table, dict):
+        raise UsageError(f"--config {path} has no [{TOML_TABLE}] table; write the options "
+                         "under it (as logs/<run>/config.toml does)")
+    hints = get_type_hints(RunConfig)
+    unknown = sorted(set(table) - set(hints))
+    if unknown:
+        raise UsageError(f"--config {path}: unknown key(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(hints)}")
+    return {name: _typed(name, hints[name], value, path) for name, value in table.items()}
+
+
+def _typed(name: str, hint: Any, value: Any, path: Path) -> Any:
+    """A TOML value as the ``RunConfig`` field ``name`` holds it."""
+    if get_origin(hint) in (Union, types.UnionType):
+        hint = next(arg for arg in get_args(hint) if arg is not type(None))
+    if name == "harmonizer_params":
+        if not isinstance(value, dict):
+            raise UsageError(f"--config {path}: {name} must be a table of KEY = VALUE; fix it")
+        return tuple((str(key), _param_text(item)) for key, item in value.items())
+    if get_origin(hint) is tuple:
+        if not isinstance(value, list):
+            raise UsageError(f"--config {path}: {name} must be a list; fix it")
+        return tuple(str(item) for item in value)
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            choices = ", ".join(member.value for member in hint)
+            raise UsageError(f"--config {path}: {name} = {value!r} is not one of {choices}; "
+                             "fix it") from None
+    if hint is Path:
+        return Path(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise UsageError(f"--config {path}: {name} = {value!r} is not a {hint.__name__}; "
+                         "fix it")
+    return value
+
+
+def _param_text(value: Any) -> str:
+    """A harmonizer parameter written in TOML as the command line spells it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(_param_text(item) for item in value)
+    return str(value)

@@ -1,4 +1,5 @@
-"""BlindHarmony on CPU with the ``tiny`` preset: the flow, Algorithm 1, training, I/O."""
+"""BlindHarmony on CPU with the ``tiny`` preset: the flow, Algorithm 1, brain box, training,
+its resume and stage cache, I/O."""
 
 from __future__ import annotations
 
@@ -13,20 +14,20 @@ import torch
 from phantoms import ellipsoid_phantom
 
 from bids_harmony.errors import DataError, NotFittedError, UsageError
-from bids_harmony.volume import Volume
 from bids_harmony.harmonizers.blindharmony import (
     PRESETS,
     BlindHarmony,
     blind_harmony,
     edge_penalty_gradient,
     from_slices,
-    ncc_gradient,
     non_edge_mask,
     to_slices,
 )
-from bids_harmony.harmonizers.learned import WEIGHTS_FILE
+from bids_harmony.harmonizers.learned import WEIGHTS_FILE, BrainBox
 from bids_harmony.metrics import ncc
+from bids_harmony.nn.guidance import pearson_ncc_gradient
 from bids_harmony.nn.spline_flow import FlowArchitecture, build_spline_flow
+from bids_harmony.volume import Volume
 
 SHAPE = (28, 32, 16)
 TINY = PRESETS["tiny"]
@@ -95,7 +96,7 @@ def test_ncc_gradient_matches_autograd() -> None:
     norm_a, norm_b = (v.pow(2).sum(dim=(1, 2, 3)).sqrt() for v in (a, b))
     correlation = (a * b).sum(dim=(1, 2, 3)) / (norm_a * norm_b)
     (expected,) = torch.autograd.grad(correlation.sum(), x)
-    torch.testing.assert_close(ncc_gradient(x.detach(), source), expected)
+    torch.testing.assert_close(pearson_ncc_gradient(x.detach(), source), expected)
 
 
 def test_edge_mask_spares_the_source_edges_only() -> None:
@@ -115,8 +116,10 @@ def test_edge_mask_spares_the_source_edges_only() -> None:
 
 def test_algorithm_raises_ncc_with_the_source(fitted: BlindHarmony) -> None:
     state = fitted.state_["T1w"]
-    source_volume = phantom(11, gamma=2.0)
-    flow = build_spline_flow(TINY.architecture, 28, 32, TINY.seed)
+    box = BrainBox.from_state(state)
+    source_volume = box.crop(phantom(11, gamma=2.0))
+    height, width = source_volume.data.shape[:2]
+    flow = build_spline_flow(TINY.architecture, height, width, TINY.seed)
     flow.load_state_dict(
         {k[4:]: torch.from_numpy(v) for k, v in state.items() if k.startswith("net.")}
     )
@@ -124,7 +127,7 @@ def test_algorithm_raises_ncc_with_the_source(fitted: BlindHarmony) -> None:
     middle = slice(6, 10)
     source = torch.from_numpy(to_slices(source_volume.data, TINY)[middle])
     brain = torch.from_numpy(to_slices(source_volume.mask.astype(np.float32), TINY)[middle]) > 0
-    initial = torch.from_numpy(to_slices(state["mean_image"], TINY)[middle])
+    initial = torch.from_numpy(to_slices(state["mean_image"][box.index], TINY)[middle])
     out = blind_harmony(flow, source, brain, initial, TINY)
     assert out.shape == source.shape and torch.isfinite(out).all()
     for k in range(out.shape[0]):
@@ -165,8 +168,7 @@ def test_save_load_round_trip_is_exact(fitted: BlindHarmony, tmp_path: Path) -> 
 def test_training_is_repeatable_and_resumes(tmp_path: Path) -> None:
     images = [phantom(s) for s in range(2)]
     first = BlindHarmony(preset="tiny", steps=6).fit(images, ["a", "a"], ["T1w"] * 2, "a")
-    resumed = BlindHarmony(preset="tiny", steps=6, checkpoint_every=2)
-    resumed.checkpoint_dir = tmp_path
+    resumed = BlindHarmony(preset="tiny", steps=6, checkpoint_every=2, checkpoint_dir=tmp_path)
 
     class Interrupted(Exception):
         pass
@@ -194,10 +196,42 @@ def test_training_is_repeatable_and_resumes(tmp_path: Path) -> None:
     for key, value in first.state_["T1w"].items():
         np.testing.assert_array_equal(resumed.state_["T1w"][key], value, err_msg=key)
 
+    def no_training(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("a training step ran")
+
+    refit = BlindHarmony(preset="tiny", steps=6, checkpoint_dir=tmp_path)
+    module.bits_per_pixel = no_training
+    try:
+        refit.fit(images, ["a", "a"], ["T1w"] * 2, "a")  # same inputs: from the stage cache
+    finally:
+        module.bits_per_pixel = original
+    for key, value in first.state_["T1w"].items():
+        np.testing.assert_array_equal(refit.state_["T1w"][key], value, err_msg=key)
+
 
 def test_transform_before_fit_raises() -> None:
     with pytest.raises(NotFittedError):
         BlindHarmony(preset="tiny").transform(phantom(0), "T1w")
+
+
+def test_trains_and_infers_on_the_brain_box(fitted: BlindHarmony, tmp_path: Path) -> None:
+    box = BrainBox.from_state(fitted.state_["T1w"])
+    assert box.grid == SHAPE
+    in_plane = [high - low for axis, (low, high) in enumerate(zip(box.start, box.stop))
+                if axis != TINY.slice_axis]
+    assert all(side % TINY.architecture.divisor == 0 for side in in_plane)
+    union = np.logical_or.reduce([phantom(s).mask for s in range(3)])
+    assert union[box.index].sum() == union.sum()  # the box holds every training brain voxel
+    assert box.stop[0] - box.start[0] < SHAPE[0]  # and is smaller than the grid
+    source = phantom(22, gamma=2.0)
+    wide = Volume(source.data, np.ones(SHAPE, bool))
+    out = fitted.transform(wide, "T1w")
+    outside = np.ones(SHAPE, bool)
+    outside[box.index] = False
+    assert out.shape == SHAPE and not out[outside].any()
+    loaded = BlindHarmony.load(fitted.save(tmp_path / "model"))
+    assert BrainBox.from_state(loaded.state_["T1w"]) == box
+    np.testing.assert_array_equal(loaded.transform(wide, "T1w"), out)
 
 
 def test_other_grid_raises(fitted: BlindHarmony) -> None:
@@ -214,3 +248,17 @@ def test_other_grid_raises(fitted: BlindHarmony) -> None:
 def test_invalid_parameters_raise_usage_error(params: dict) -> None:
     with pytest.raises(UsageError):
         BlindHarmony(**{"preset": "tiny", **params})
+
+
+def test_brain_box_grows_to_multiples_inside_the_grid() -> None:
+    mask = np.zeros((20, 20, 6), bool)
+    mask[3:7, 17:20, 2:4] = True
+    box = BrainBox.around([mask], [8, 8, 8])
+    assert box.start == (1, 12, 0) and box.stop == (9, 20, 6)  # centred; shifted; whole side
+    image = Volume(np.where(mask, 0.5, 0.0).astype(np.float32), mask)
+    cropped = box.crop(image)
+    assert cropped.data.shape == (8, 8, 6)
+    np.testing.assert_array_equal(box.uncrop(cropped.data), image.data)
+    assert BrainBox.from_state(box.to_state()) == box
+    with pytest.raises(DataError, match="empty"):
+        BrainBox.around([np.zeros((4, 4, 4), bool)], [2, 2, 2])

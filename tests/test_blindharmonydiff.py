@@ -1,5 +1,5 @@
-"""BlindHarmonyDiff on CPU with the ``tiny`` preset: patches, training and its resume, sampler,
-refinement, inference precision, I/O."""
+"""BlindHarmonyDiff on CPU with the ``tiny`` preset: patches, edge maps, brain box, training,
+its resume and stage cache, sampler, refinement, inference precision, I/O."""
 
 from __future__ import annotations
 
@@ -13,28 +13,39 @@ import torch
 
 from phantoms import ellipsoid_phantom
 
-from bids_harmony.errors import NotFittedError, UsageError
+from bids_harmony.errors import DataError, NotFittedError, UsageError
 from bids_harmony.harmonizers import blindharmonydiff
-from bids_harmony.volume import Volume
 from bids_harmony.harmonizers.blindharmonydiff import (
     PRESETS,
     BlindHarmonyDiff,
     autocast_dtype,
     build_network,
+    conditioning_channels,
     extract_patch,
-    ncc_ascent_step,
+    pipeline_edge_map,
     sample_and_refine,
     sample_patch,
     whole_volume_coordinates,
+    with_edges,
 )
-from bids_harmony.harmonizers.learned import NETWORK_PREFIX, WEIGHTS_FILE
+from bids_harmony.harmonizers.learned import NETWORK_PREFIX, WEIGHTS_FILE, BrainBox
+from bids_harmony.imaging.edges import canny_edges_at_ratio
 from bids_harmony.metrics import ncc
+from bids_harmony.nn.guidance import masked_ncc_ascent_step, pearson_ncc_gradient
+from bids_harmony.volume import EDGES, Volume
 
-SHAPE = (32, 32, 24)
+BRAIN = (32, 32, 24)
+#: The template grid: the brain sits off-centre in a wider field of view, as in MNI space.
+SHAPE = (40, 40, 32)
+OFFSET = (5, 3, 6)
 
 
 def phantom(subject: int, gamma: float = 1.0) -> Volume:
-    return ellipsoid_phantom(SHAPE, subject, gamma)
+    brain = ellipsoid_phantom(BRAIN, subject, gamma)
+    index = tuple(slice(o, o + side) for o, side in zip(OFFSET, BRAIN))
+    data, mask = np.zeros(SHAPE, np.float32), np.zeros(SHAPE, bool)
+    data[index], mask[index] = brain.data, brain.mask
+    return Volume(data, mask)
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +107,31 @@ def test_refinement_raises_ncc_with_the_source() -> None:
     x = torch.from_numpy(phantom(1, gamma=2.0).data) + 0.3 * torch.randn(SHAPE)
     before = ncc(x.numpy(), source.numpy(), mask.numpy())
     for _ in range(6):
-        refined = ncc_ascent_step(x, source, mask, 0.02)
+        refined = masked_ncc_ascent_step(x, source, mask, 0.02)
         assert ncc(refined.numpy(), source.numpy(), mask.numpy()) > ncc(
             x.numpy(), source.numpy(), mask.numpy()
         )
         x = refined
     assert ncc(x.numpy(), source.numpy(), mask.numpy()) > before + 0.01
+
+
+def test_refinement_step_is_the_voxel_sum_ncc_gradient_blindharmony_uses() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 1, 6, 5, 4, generator=generator, dtype=torch.float64)
+    source = torch.rand(1, 1, 6, 5, 4, generator=generator, dtype=torch.float64)
+    mask = torch.rand(1, 1, 6, 5, 4, generator=generator) > 0.4
+    inside = x[mask].clone().requires_grad_(True)
+    a, b = inside - inside.mean(), source[mask] - source[mask].mean()
+    correlation = (a * b).sum() / (a.norm() * b.norm())
+    (gradient,) = torch.autograd.grad(correlation, inside)
+    step = masked_ncc_ascent_step(x, source, mask, 0.5) - x
+    torch.testing.assert_close(step[mask], 0.5 * mask.sum() * gradient)
+    assert not step[~mask].any()
+    everywhere = torch.ones_like(mask)  # on a whole image: BlindHarmony's per-slice gradient
+    torch.testing.assert_close(
+        masked_ncc_ascent_step(x, source, everywhere, 1.0) - x,
+        x[0].numel() * pearson_ncc_gradient(x, source),
+    )
 
 
 def test_harmonized_output_is_finite_masked_and_reproducible(fitted: BlindHarmonyDiff) -> None:
@@ -151,8 +181,7 @@ def test_interrupted_training_resumes_to_the_same_model(
     settings = {"preset": "tiny", "steps": 6, "checkpoint_every": 2}
     expected = BlindHarmonyDiff(**settings).fit(images, sites, sequences).state_["T1w"]
 
-    interrupted = BlindHarmonyDiff(**settings)
-    interrupted.checkpoint_dir = tmp_path
+    interrupted = BlindHarmonyDiff(**settings, checkpoint_dir=tmp_path)
     loss = blindharmonydiff.rectified_flow_loss
     calls: list[int] = []
 
@@ -168,14 +197,22 @@ def test_interrupted_training_resumes_to_the_same_model(
     (checkpoint,) = tmp_path.glob("*.pt")
     assert torch.load(checkpoint, weights_only=True)["step"] == 4
 
-    resumed = BlindHarmonyDiff(**settings, device="cpu", precision="bf16")  # not in the name
-    resumed.checkpoint_dir = tmp_path
+    resumed = BlindHarmonyDiff(  # device and precision are not in the run's name
+        **settings, device="cpu", precision="bf16", checkpoint_dir=tmp_path
+    )
     state = resumed.fit(images, sites, sequences).state_["T1w"]
     assert len(calls) == 5 + 2  # only steps 5 and 6 were run again
     assert sorted(state) == sorted(expected)
     for name, array in expected.items():
         np.testing.assert_array_equal(state[name], array, err_msg=name)
-    assert not list(tmp_path.iterdir())
+    assert not list(tmp_path.glob("*.pt"))
+    assert len(list((tmp_path / "stages").iterdir())) == 1
+
+    refit = BlindHarmonyDiff(**settings, checkpoint_dir=tmp_path)
+    cached = refit.fit(images, sites, sequences).state_["T1w"]
+    assert len(calls) == 7  # same inputs: the stage cache answers, no training step runs
+    for name, array in expected.items():
+        np.testing.assert_array_equal(cached[name], array, err_msg=name)
 
 
 def test_bf16_inference_is_finite_and_close_to_fp32(fitted: BlindHarmonyDiff) -> None:
@@ -214,3 +251,69 @@ def test_precision_resolves_per_device() -> None:
 def test_fp16_on_the_cpu_raises_usage_error_naming_the_fix() -> None:
     with pytest.raises(UsageError, match="bf16 or fp32"):
         BlindHarmonyDiff(preset="tiny", device="cpu", precision="fp16")
+
+
+def test_trains_and_infers_on_the_brain_box(fitted: BlindHarmonyDiff, tmp_path: Path) -> None:
+    box = BrainBox.from_state(fitted.state_["T1w"])
+    assert box.grid == SHAPE
+    assert box.start == OFFSET and box.stop == tuple(o + b for o, b in zip(OFFSET, BRAIN))
+    assert all((high - low) % 8 == 0 for low, high in zip(box.start, box.stop))
+    source = phantom(5, gamma=2.0)
+    source_mask = source.mask.copy()
+    source_mask[:OFFSET[0] + 2] = True  # brain the training masks never reached
+    wide = Volume(source.data, source_mask)
+    out = fitted.transform(wide, "T1w")
+    assert out.shape == SHAPE
+    outside = np.ones(SHAPE, bool)
+    outside[box.index] = False
+    assert not out[outside].any() and out[box.index][source.mask[box.index]].any()
+    loaded = BlindHarmonyDiff.load(fitted.save(tmp_path / "model"))
+    assert BrainBox.from_state(loaded.state_["T1w"]) == box
+    with pytest.raises(DataError, match="grid"):
+        fitted.transform(Volume(np.zeros((40, 40, 40), np.float32), np.ones((40, 40, 40), bool)),
+                         "T1w")
+
+
+def test_conditions_on_the_pipeline_edge_map_it_is_given() -> None:
+    image = phantom(0)
+    given = np.zeros(SHAPE, np.uint8)
+    given[10:20, 12, 8:16] = 1
+    with_map = Volume(image.data, image.mask, image.spacing, {EDGES: given})
+    assert with_edges(with_map, 0.08) is with_map
+    channels = conditioning_channels(with_edges(with_map, 0.08), (40, 40, 32))
+    np.testing.assert_array_equal(channels[0], given)
+
+
+def test_model_uses_the_given_map_without_recomputing(
+    fitted: BlindHarmonyDiff, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = phantom(7, gamma=2.0)
+    edges = pipeline_edge_map(image, 0.08)
+
+    def no_canny(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the edge map was recomputed")
+
+    monkeypatch.setattr(blindharmonydiff, "canny_edges_at_ratio", no_canny)
+    out = fitted.transform(Volume(image.data, image.mask, image.spacing, {EDGES: edges}), "T1w")
+    assert out.shape == SHAPE and np.isfinite(out).all()
+
+
+def test_computed_edge_map_equals_the_pipeline_canny_step(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    from bids_harmony.interfaces.canny import CannyEdges
+
+    image = phantom(3)
+    two_mm = Volume(image.data, image.mask, (2.0, 2.0, 2.0))
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    nib.Nifti1Image(image.data, affine).to_filename(tmp_path / "preproc.nii.gz")
+    nib.Nifti1Image(image.mask.astype(np.uint8), affine).to_filename(tmp_path / "mask.nii.gz")
+    node = CannyEdges(in_file=str(tmp_path / "preproc.nii.gz"),
+                      mask_file=str(tmp_path / "mask.nii.gz"), edge_ratio=0.08,
+                      denominator="mask")
+    result = node.run(cwd=str(tmp_path))
+    written = np.asarray(nib.load(result.outputs.out_file).dataobj)
+    np.testing.assert_array_equal(with_edges(two_mm, 0.08).channel(EDGES), written)
+    without_spacing, _ = canny_edges_at_ratio(image.data, 0.08, mask=image.mask,
+                                              denominator="mask")
+    assert not np.array_equal(without_spacing, written)  # the map the old code conditioned on

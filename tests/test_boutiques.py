@@ -88,6 +88,23 @@ def test_harmonizer_choices_come_from_the_registry(descriptor: dict) -> None:
     assert method["value-choices"] == sorted(HARMONIZERS)
 
 
+def test_preset_and_parameters_come_from_the_registry(descriptor: dict) -> None:
+    """--preset's choices are the union of the methods' presets; --harmonizer-param names
+    every method's parameters; --config takes a file."""
+    from bids_harmony.harmonizers import HARMONIZERS
+
+    inputs = _inputs_by_flag(descriptor)
+    assert inputs["--preset"]["value-choices"] == list(HARMONIZERS.presets())
+    assert "default-value" not in inputs["--preset"]  # each method's own default
+    param = inputs["--harmonizer-param"]
+    assert (param["type"], param["list"], param["id"]) == ("String", True, "harmonizer_params")
+    for name, info in HARMONIZERS.methods.items():
+        assert f"{name}: " in param["description"]
+        for parameter in info.parameters():
+            assert f"{parameter.name} ({parameter.kind})" in param["description"]
+    assert inputs["--config"]["type"] == "File"
+
+
 def test_value_keys_appear_once_in_the_command_line(descriptor: dict) -> None:
     command = descriptor["command-line"]
     assert command.split()[0] == "bids_harmony"

@@ -24,7 +24,9 @@ from bids_harmony.config import AnalysisLevel, RunConfig
 from bids_harmony.data.templates import TemplateFiles
 from bids_harmony.bids.paths import derivative_path, mask_desc
 from bids_harmony.reports import write_group_outputs
+from bids_harmony.workflows.citations import compose_methods
 from bids_harmony.workflows.group import fit_group
+from bids_harmony.workflows.harmonize import harmonization_desc
 
 CHROMIUM = Path("/usr/bin/chromium")
 TEMPLATE = "MNI152NLin2009aSym"
@@ -66,7 +68,11 @@ def group_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = RunConfig(bids_dir=bids, output_dir=out, analysis_level=AnalysisLevel.GROUP,
                        work_dir=root / "work", run_id="test", method="histmatch",
                        target_site="SiteA")
-    write_group_outputs(out, bids, fit_group(config, images, template))
+    methods = compose_methods([
+        "Images were registered with antspyx [@antspyx].\n\n",
+        harmonization_desc("histmatch", "SiteA", fitted_on="9 images from 3 sites"),
+    ])
+    write_group_outputs(out, bids, fit_group(config, images, template), methods)
     return out
 
 
@@ -105,6 +111,17 @@ def test_group_report_shows_every_measure(group_run: Path) -> None:
     assert pages == {f"sub-{s}.html" for s in AGES}
     assert text.count('class="sortable"') == 1
     assert "chance level" in text and "Before harmonization the site is predicted" in text
+
+
+def test_group_report_ends_with_the_methods_to_cite(group_run: Path) -> None:
+    text = (group_run / "group_report.html").read_text()
+    methods = text[text.index("<h2>Methods</h2>"):]
+    assert "<p>Images were registered with antspyx [1].</p>" in methods
+    assert "toward the style of site SiteA with histmatch [2]" in methods
+    assert "fitted on 9 images from 3 sites" in methods
+    assert methods.count("<li>") == 2 and "<li>Tustison NJ, Cook PA" in methods
+    assert "CVPR, 2025" in methods  # the histogram-matching baseline's paper
+    assert 'href="logs/CITATION.md"' in methods
 
 
 def test_evaluation_twins_and_site_effect(group_run: Path) -> None:

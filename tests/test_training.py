@@ -1,4 +1,5 @@
-"""The shared training loop: checkpoints, exact resume after an interruption, fingerprints."""
+"""The shared training loop: checkpoints, exact resume after an interruption (one network,
+and several with their optimisers and an EMA), fingerprints, the stage cache."""
 
 from __future__ import annotations
 
@@ -8,7 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from bids_harmony.nn.training import StepLoss, checkpoint_path, fingerprint, train
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from bids_harmony.nn.stages import run_stage, stage_path
+from bids_harmony.nn.training import (
+    StepLoss,
+    TrainingState,
+    checkpoint_path,
+    fingerprint,
+    train,
+    train_state,
+)
 
 STEPS = 10
 CHECKPOINT_EVERY = 3
@@ -104,3 +115,95 @@ def test_fingerprint_names_settings_and_data() -> None:
     assert name != fingerprint({"steps": 10, "lr": 1e-3}, changed)
     assert checkpoint_path(None, name) is None
     assert checkpoint_path(Path("/work"), name) == Path("/work") / f"{name}.pt"
+
+
+class AdversarialRun:
+    """A generator and a discriminator with their own optimisers and an EMA of the
+    generator: the shape of a GAN-trained harmonizer, at toy size."""
+
+    def __init__(self) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.generator_net = torch.nn.Sequential(
+                torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 4)
+            )
+            self.discriminator = torch.nn.Sequential(
+                torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 1)
+            )
+        self.ema = AveragedModel(self.generator_net, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+        self.g_optimiser = torch.optim.Adam(self.generator_net.parameters(), lr=1e-2)
+        self.d_optimiser = torch.optim.Adam(self.discriminator.parameters(), lr=1e-2)
+        self.state = TrainingState(
+            {"generator": self.generator_net, "discriminator": self.discriminator,
+             "ema": self.ema},
+            {"generator": self.g_optimiser, "discriminator": self.d_optimiser},
+        )
+        self.rng = torch.Generator().manual_seed(1)
+        self.calls = 0
+
+    def step(self, generator: torch.Generator) -> float:
+        """One discriminator update, one generator update, one EMA update."""
+        self.calls += 1
+        real = torch.randn(8, 4, generator=generator) + 2.0
+        fake = self.generator_net(torch.randn(8, 4, generator=generator))
+        logits = torch.nn.functional.binary_cross_entropy_with_logits
+        d_loss = logits(self.discriminator(real), torch.ones(8, 1)) + logits(
+            self.discriminator(fake.detach()), torch.zeros(8, 1)
+        )
+        self.d_optimiser.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.d_optimiser.step()
+        g_loss = logits(self.discriminator(fake), torch.ones(8, 1))
+        self.g_optimiser.zero_grad(set_to_none=True)
+        g_loss.backward()
+        self.g_optimiser.step()
+        self.ema.update_parameters(self.generator_net)
+        return float(g_loss.detach())
+
+    def train(self, checkpoint: Path | None, stop_at_call: int | None = None) -> list[float]:
+        def step(generator: torch.Generator) -> float:
+            if self.calls + 1 == stop_at_call:
+                raise KeyboardInterrupt
+            return self.step(generator)
+
+        return train_state(self.state, step, STEPS, self.rng, checkpoint=checkpoint,
+                           checkpoint_every=CHECKPOINT_EVERY)
+
+
+def test_two_networks_and_an_ema_resume_bit_identically(tmp_path: Path) -> None:
+    reference = AdversarialRun()
+    expected = reference.train(None)
+    checkpoint = tmp_path / "gan.pt"
+    with pytest.raises(KeyboardInterrupt):
+        AdversarialRun().train(checkpoint, stop_at_call=8)
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["step"] == 6 and sorted(saved["modules"]) == ["discriminator", "ema", "generator"]
+
+    resumed = AdversarialRun()
+    assert resumed.train(checkpoint) == expected
+    assert resumed.calls == STEPS - 6
+    for name in ("generator_net", "discriminator", "ema"):
+        assert_same_weights(getattr(resumed, name), getattr(reference, name))
+    assert int(resumed.ema.n_averaged) == STEPS
+    for mine, theirs in ((resumed.g_optimiser, reference.g_optimiser),
+                         (resumed.d_optimiser, reference.d_optimiser)):
+        for left, right in zip(mine.state.values(), theirs.state.values()):
+            assert all(torch.equal(left[key], right[key]) for key in left)
+    assert not checkpoint.exists()
+
+
+def test_a_finished_stage_is_loaded_not_rerun(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def compute() -> dict[str, np.ndarray]:
+        calls.append(1)
+        return {"weights": np.arange(6, dtype=np.float32).reshape(2, 3)}
+
+    first = run_stage(tmp_path, "flow", "abc", compute)
+    again = run_stage(tmp_path, "flow", "abc", compute)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(again["weights"], first["weights"])
+    assert stage_path(tmp_path, "flow", "abc").is_file()
+    run_stage(tmp_path, "flow", "other-inputs", compute)
+    run_stage(None, "flow", "abc", compute)  # no store: always computed
+    assert len(calls) == 3

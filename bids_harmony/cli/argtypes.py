@@ -28,3 +28,11 @@ def ratio(value: str) -> float:
     if not 0.0 < number < 1.0:
         raise argparse.ArgumentTypeError(f"{value} must lie strictly between 0 and 1")
     return number
+
+
+def key_value(value: str) -> tuple[str, str]:
+    """``KEY=VALUE``: one harmonizer parameter, typed later by the method's schema."""
+    key, separator, text = value.partition("=")
+    if not separator or not key.strip() or not text:
+        raise argparse.ArgumentTypeError(f"'{value}' is not KEY=VALUE (e.g. n_quantiles=512)")
+    return key.strip(), text

@@ -19,7 +19,7 @@ CONTAINER_IMAGE = f"bidsharmony/bids_harmony:{__version__}"
 # Options that print something and exit instead of configuring a run.
 INFORMATIONAL_DESTS = frozenset({"help", "version", "boutiques"})
 # Inputs that name existing files or folders (Boutiques has no separate folder type).
-PATH_DESTS = frozenset({"bids_dir", "site_map", "model"})
+PATH_DESTS = frozenset({"bids_dir", "site_map", "model", "config"})
 # argparse value types that Boutiques expresses as Number with bounds.
 NUMBER_TYPES: dict[Callable[[str], Any], dict[str, Any]] = {
     int: {"integer": True},

@@ -20,10 +20,12 @@ from bids_harmony.bids.layout import (
 from bids_harmony.config import RunConfig
 from bids_harmony.data.templates import TemplateFiles, resolve_template
 from bids_harmony.errors import DataError, HarmonyError, InputMissingError, UsageError
-from bids_harmony.fileio import write_tsv
+from bids_harmony.fileio import atomic_write_text, write_tsv
 from bids_harmony.harmonizers.base import model_checksum
+from bids_harmony.workflows.citations import Methods, compose_methods
 
 LOGGER = logging.getLogger("bids_harmony")
+CITATION_FILE = "CITATION.md"
 
 
 @dataclass(frozen=True)
@@ -72,22 +74,31 @@ def run_participant(config: RunConfig) -> None:
         )
     else:
         LOGGER.info("harmonizing with the model in %s", model_dir)
-    preprocess(config, context, model_dir)
+    description = preprocess(config, context, model_dir)
+    write_citation(config.output_dir, compose_methods([description]))
 
 
 def run_group(config: RunConfig) -> None:
     """Preprocess what is missing, fit the harmonizer on all images, write group QC."""
     from bids_harmony.reports import write_group_outputs
     from bids_harmony.workflows.group import fit_group
+    from bids_harmony.workflows.harmonize import harmonization_desc
 
     context = prepare(config)
-    preprocess(config, context, model_dir=None)
+    description = preprocess(config, context, model_dir=None)
     fit = fit_group(config, context.images, context.template)
-    write_group_outputs(config.output_dir, config.bids_dir, fit)
+    n_sites = len({image.site for image in context.images})
+    methods = compose_methods([description, harmonization_desc(
+        config.method, fit.harmonizer.target_site_,
+        fitted_on=f"{len(context.images)} images from {n_sites} sites at the group level",
+    )])
+    write_citation(config.output_dir, methods)
+    write_group_outputs(config.output_dir, config.bids_dir, fit, methods)
 
 
-def preprocess(config: RunConfig, context: RunContext, model_dir: Path | None) -> None:
-    """Run the Nipype workflow on the images whose outputs are not all there yet."""
+def preprocess(config: RunConfig, context: RunContext, model_dir: Path | None) -> str:
+    """Run the Nipype workflow on the images whose outputs are not all there yet; return
+    its methods text (that of every image when all are complete)."""
     from bids_harmony.workflows.base import expected_outputs, init_bids_harmony_wf
 
     checksum = model_checksum(model_dir) if model_dir is not None else None
@@ -100,11 +111,19 @@ def preprocess(config: RunConfig, context: RunContext, model_dir: Path | None) -
     skipped = len(context.images) - len(todo)
     if skipped:
         LOGGER.info("resuming: %d of %d images already complete", skipped, len(context.images))
-    if not todo:
-        return
-    todo = _with_session_references(todo, context.images)
-    workflow = init_bids_harmony_wf(config, todo, context.template, model_dir)
-    _run_workflow(workflow, config)
+    selected = _with_session_references(todo, context.images) if todo else context.images
+    workflow = init_bids_harmony_wf(config, selected, context.template, model_dir)
+    if todo:
+        _run_workflow(workflow, config)
+    return workflow.visit_desc()
+
+
+def write_citation(output_dir: Path, methods: Methods) -> Path:
+    """``OUTPUT_DIR/logs/CITATION.md``: the methods text to cite, as sMRIPrep writes it."""
+    path = output_dir / "logs" / CITATION_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, methods.to_markdown())
+    return path
 
 
 def _is_complete(outputs: Sequence[Path], checksum: str | None) -> bool:

@@ -1,18 +1,25 @@
 """The command-line parser: BIDS-Apps positional arguments and options.
 
 It is the single source of truth for the options: ``--help``, the README's option table and
-the Boutiques descriptor are all derived from or checked against it.
+the Boutiques descriptor are all derived from or checked against it. Harmonizer names,
+presets and parameters come from the registry, which reads the harmonizer modules without
+importing them, so building the parser imports no numpy, scipy or torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
+from collections.abc import Mapping
+from typing import Any, NoReturn
 
 from bids_harmony import __version__
-from bids_harmony.cli.argtypes import device, positive_int, ratio
-from bids_harmony.errors import ExitCode
+from bids_harmony.cli.argtypes import device, key_value, positive_int, ratio
+from bids_harmony.errors import ExitCode, UsageError
+from bids_harmony.harmonizers.registry import HARMONIZERS, HarmonizerRegistry
+
+POSITIONALS = ("bids_dir", "output_dir", "analysis_level")
+
 
 class BIDSAppArgumentParser(argparse.ArgumentParser):
     """argparse with the BIDS-Apps exit codes: 17 for an unknown level, 64 otherwise."""
@@ -38,9 +45,19 @@ class _PrintBoutiquesAction(argparse.Action):
         parser.exit(0)
 
 
-def build_parser() -> BIDSAppArgumentParser:
-    """Build the parser; harmonizer choices come from the registry."""
-    from bids_harmony.harmonizers import HARMONIZERS
+def build_parser(file_values: Mapping[str, Any] | None = None,
+                 source: str = "--config") -> BIDSAppArgumentParser:
+    """Build the parser; harmonizer choices come from the registry.
+
+    ``file_values`` (a ``--config`` file's options, keyed by ``dest``) become the defaults,
+    so options given on the command line override them; the positionals the file holds
+    become optional. Each value passes the option's own type and choices check.
+    """
+    file_values = dict(file_values or {})
+    Preset = HARMONIZERS.preset_enum()  # noqa: N806 (a class built at run time)
+
+    def positional(dest: str) -> dict[str, Any]:
+        return {"nargs": "?", "default": file_values[dest]} if dest in file_values else {}
 
     parser = BIDSAppArgumentParser(
         prog="bids_harmony",
@@ -51,13 +68,20 @@ def build_parser() -> BIDSAppArgumentParser:
             "'group' fits the harmonizer on all preprocessed images and writes group QC."
         ),
     )
-    parser.add_argument("bids_dir", help="root of the input BIDS dataset (never written to)")
-    parser.add_argument("output_dir", help="where derivatives are written")
+    parser.add_argument("bids_dir", help="root of the input BIDS dataset (never written to)",
+                        **positional("bids_dir"))
+    parser.add_argument("output_dir", help="where derivatives are written",
+                        **positional("output_dir"))
     parser.add_argument("analysis_level", choices=["participant", "group"],
-                        help="processing stage")
+                        help="processing stage", **positional("analysis_level"))
     parser.add_argument("--version", action="version", version=f"bids_harmony {__version__}")
     parser.add_argument("--boutiques", action=_PrintBoutiquesAction,
                         help="print the Boutiques descriptor (descriptor.json) and exit")
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="replay a run configuration (TOML, e.g. OUTPUT_DIR/logs/<run>/"
+                             "config.toml): its values are the defaults, options given on the "
+                             "command line override them, and BIDS_DIR OUTPUT_DIR LEVEL may "
+                             "be left out")
 
     select = parser.add_argument_group("selecting data")
     select.add_argument("--participant-label", "--participant_label", nargs="+", default=[],
@@ -81,15 +105,22 @@ def build_parser() -> BIDSAppArgumentParser:
                             "most homogeneous site; unified = pooled reference of all sites")
 
     harmony = parser.add_argument_group("harmonization")
-    harmony.add_argument("--method", choices=sorted(HARMONIZERS), default="histmatch",
+    harmony.add_argument("--method", choices=list(HARMONIZERS), default="histmatch",
                          help="harmonizer (default: %(default)s)")
     harmony.add_argument("--model", metavar="DIR", default=None,
                          help="a fitted harmonizer (default: the one the group level saved "
                               "under OUTPUT_DIR/models/)")
-    harmony.add_argument("--preset", choices=["tiny", "fast", "paper"], default="fast",
-                         help="size of a learned harmonizer trained at the group level: tiny "
-                              "(tests, seconds on CPU), fast (one GPU), paper (the paper's "
-                              "scale) (default: %(default)s)")
+    harmony.add_argument("--preset", choices=list(Preset), default=None,
+                         help="size of a learned harmonizer trained at the group level "
+                              "(tiny: tests, seconds on CPU; fast: one GPU; paper: the "
+                              "paper's scale); default: the method's own, "
+                              f"{_default_presets(HARMONIZERS)}; methods without presets "
+                              "refuse it")
+    harmony.add_argument("--harmonizer-param", dest="harmonizer_params", action="extend",
+                         nargs="+", type=key_value, default=[], metavar="KEY=VALUE",
+                         help="parameters of --method (repeatable; each is typed and checked "
+                              "against the method's own, the last value of a key wins): "
+                              f"{_parameter_help(HARMONIZERS)}")
     harmony.add_argument("--device", type=device, default="auto",
                          help="auto (default), cpu, cuda or cuda:N (learned harmonizers)")
 
@@ -127,4 +158,52 @@ def build_parser() -> BIDSAppArgumentParser:
                       help="skip images whose outputs already exist (default: on)")
     perf.add_argument("-v", "--verbose", action="count", default=0,
                       help="more logging (repeat for debug)")
+    _apply_file_values(parser, file_values, source)
     return parser
+
+
+def _default_presets(registry: HarmonizerRegistry) -> str:
+    """``fast (blindharmony, blindharmonydiff)``: each default preset and its methods."""
+    by_preset: dict[str, list[str]] = {}
+    for info in registry.methods.values():
+        if info.default_preset is not None:
+            by_preset.setdefault(info.default_preset, []).append(info.name)
+    return "; ".join(f"{preset} ({', '.join(names)})" for preset, names in by_preset.items())
+
+
+def _parameter_help(registry: HarmonizerRegistry) -> str:
+    """Every method's parameter names and kinds: what ``--harmonizer-param`` accepts."""
+    described = []
+    for info in registry.methods.values():
+        names = ", ".join(f"{p.name} ({p.kind})" for p in info.parameters()) or "none"
+        described.append(f"{info.name}: {names}")
+    return "; ".join(described)
+
+
+def _apply_file_values(parser: argparse.ArgumentParser, file_values: Mapping[str, Any],
+                       source: str) -> None:
+    """Make ``file_values`` the parser's defaults after the options' own checks."""
+    actions = {action.dest: action for action in parser._actions}
+    for dest, value in file_values.items():
+        action = actions.get(dest)
+        if action is None:
+            raise UsageError(f"{source}: '{dest}' is no option of bids_harmony; remove it")
+        for item in value if isinstance(value, list) else [value]:
+            _check_file_value(action, item, source)
+    parser.set_defaults(**{dest: value for dest, value in file_values.items()
+                           if dest not in POSITIONALS})
+
+
+def _check_file_value(action: argparse.Action, value: Any, source: str) -> None:
+    """The check argparse makes of a command-line value: ``type``, then ``choices``."""
+    flag = next((f for f in action.option_strings if f.startswith("--")), action.dest)
+    try:
+        if action.type is not None and not isinstance(value, tuple):
+            value = action.type(str(value))
+    except (argparse.ArgumentTypeError, TypeError, ValueError) as error:
+        raise UsageError(f"{source}: {action.dest} = {value!r} is refused by {flag} ({error}); "
+                         "fix the file") from None
+    if action.choices is not None and value not in action.choices:
+        choices = ", ".join(str(choice) for choice in action.choices)
+        raise UsageError(f"{source}: {action.dest} = {value!r} is not one of {choices}; "
+                         "fix the file")

@@ -11,8 +11,9 @@ import logging
 import os
 import sys
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bids_harmony.errors import (
     ExitCode,
@@ -36,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from bids_harmony.cli.parser import build_parser
 
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        config_file = _config_file(argv)
+        file_values = _config_file_values(config_file) if config_file else {}
+        args = build_parser(file_values, f"--config {config_file}").parse_args(argv)
         config = build_config(args)
         _setup_logging(config.verbose, config.log_dir)
         LOGGER.info("bids_harmony run %s: config written to %s", config.run_id,
@@ -57,10 +61,56 @@ def main(argv: list[str] | None = None) -> int:
     return int(ExitCode.OK)
 
 
+def _config_file(argv: list[str]) -> str | None:
+    """The ``--config FILE`` of ``argv``, read before the real parse (its values become
+    that parse's defaults)."""
+    from bids_harmony.cli.parser import BIDSAppArgumentParser
+
+    first_pass = BIDSAppArgumentParser(prog="bids_harmony", add_help=False)
+    first_pass.add_argument("--config", default=None)
+    return first_pass.parse_known_args(argv)[0].config
+
+
+def _config_file_values(path: str) -> dict[str, Any]:
+    """A config file's options as argparse would hold them (the run id is the new run's)."""
+    from bids_harmony.config import read_toml_values
+
+    values = read_toml_values(Path(path))
+    values.pop("run_id", None)
+    return {name: _as_argument(value) for name, value in values.items()}
+
+
+def _as_argument(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _checked_harmonizer_params(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """``--harmonizer-param`` pairs (the last value of a key wins) checked with ``--method``
+    and ``--preset`` against the method's schema; the group level builds the harmonizer, so
+    that its own range checks fail now rather than after preprocessing."""
+    from bids_harmony.harmonizers.registry import HARMONIZERS, from_options
+
+    params = dict(args.harmonizer_params)
+    if args.analysis_level == "group":
+        from_options(args.method, preset=args.preset, device=args.device, seed=args.seed,
+                     params=params)
+    else:
+        info = HARMONIZERS.info(args.method)
+        info.parse_params(info.check_preset(args.preset), params)
+    return tuple(params.items())
+
+
 def build_config(args: argparse.Namespace) -> RunConfig:
     """Check paths and labels at the boundary and freeze them into a ``RunConfig``."""
     from bids_harmony.config import AnalysisLevel, Registration, RunConfig, SkullStripped
 
+    params = _checked_harmonizer_params(args)
     bids_dir = Path(args.bids_dir).resolve()
     output_dir = Path(args.output_dir).resolve()
     if not bids_dir.is_dir():
@@ -104,6 +154,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         site_map=Path(args.site_map).resolve() if args.site_map else None,
         model=Path(args.model).resolve() if args.model else None,
         preset=args.preset,
+        harmonizer_params=params,
         device=args.device,
         template=args.template,
         resolution=args.resolution,

@@ -14,13 +14,9 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from bids_harmony.fileio import atomic_path, atomic_write_text
 from bids_harmony.errors import TemplateNotFoundError
-
-if TYPE_CHECKING:
-    import nibabel as nb
+from bids_harmony.fileio import atomic_path, atomic_write_text
 
 LOGGER = logging.getLogger("bids_harmony")
 
@@ -42,15 +38,6 @@ class TemplateFiles:
     brain: Path
     mask: Path
     origin: str  # "templateflow" or "bundled"
-
-    def as_dict(self) -> dict[str, str | int]:
-        return {
-            "name": self.name,
-            "resolution": self.resolution,
-            "brain": str(self.brain),
-            "mask": str(self.mask),
-            "origin": self.origin,
-        }
 
 
 def resolve_template(
@@ -188,8 +175,6 @@ def _download(name: str, resolution: int) -> TemplateFiles | None:
 
 def _non_empty(path: Path) -> bool:
     return path.is_file() and path.stat().st_size > 0
-
-
 
 
 _DESCRIPTION = {

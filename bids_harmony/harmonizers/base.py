@@ -1,4 +1,4 @@
-"""The contract every harmonizer follows, its registry, and the model card it saves.
+"""The contract every harmonizer follows and the model card it saves.
 
 A harmonizer works on images already in template space and normalised to [0, 1] inside the
 brain mask (the pipeline's ``desc-preproc`` output). It is fitted once (``group`` level) on
@@ -6,24 +6,26 @@ many images with their site and sequence labels, saved without pickle (``.npz`` 
 safetensors beside ``model_card.json``) and applied per image (``participant`` level).
 
 Fitted state lives in attributes ending in ``_`` that only ``fit`` and ``load`` set, as in
-scikit-learn; ``transform`` and ``save`` before that raise :class:`NotFittedError`.
+scikit-learn; ``transform`` and ``save`` before that raise :class:`NotFittedError`. The state
+file holds ``<sequence>/<name>`` arrays and, for arrays that serve every sequence (one network
+for T1w and T2w), ``_shared/<name>`` once.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
 from bids_harmony import __version__
-from bids_harmony.errors import DataError, InputMissingError, NotFittedError, UsageError
+from bids_harmony.errors import DataError, InputMissingError, NotFittedError
 from bids_harmony.fileio import atomic_directory, sha256_file
 from bids_harmony.volume import Volume
 
@@ -33,27 +35,40 @@ AUTO = "auto"
 # Quantiles of the target reference's brain intensities, kept for every method so QC can
 # measure how close a harmonized image's distribution came to the target (Wasserstein).
 REFERENCE_QUANTILES = "reference_quantiles"
+#: Prefix of the state-file arrays that serve every sequence. BIDS suffixes are alphanumeric,
+#: so no sequence can take this name.
+SHARED = "_shared"
+
+
+@dataclass(frozen=True)
+class FittedState:
+    """What ``_fit_sequences`` learned: arrays per sequence and arrays shared by all of them."""
+
+    sequences: dict[str, dict[str, np.ndarray]]
+    shared: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class Harmonizer(ABC):
     """Base of all harmonizers: ``fit`` / ``transform`` / ``save`` / ``load``.
 
-    Subclasses implement ``_fit_sequence`` (learn the state for one sequence from the target
-    reference images and, when useful, all images) and ``_transform_sequence``, and declare
-    ``_state_keys``: the names of the fitted arrays saved in ``state.npz`` per sequence.
+    Subclasses implement ``_transform_sequence`` and either ``_fit_sequence`` (learn one
+    sequence's arrays from its target reference images) or, to fit every sequence at once
+    and share arrays between them, ``_fit_sequences``. ``_transform_sequence`` sees the
+    sequence's arrays together with the shared ones.
     """
 
     name: ClassVar[str]
-    supports_unified: ClassVar[bool] = True
     #: Size presets of a learned harmonizer (``--preset``); classical ones have none.
     presets: ClassVar[tuple[str, ...]] = ()
-    _state_keys: ClassVar[tuple[str, ...]] = ()
-    #: Where a learned harmonizer keeps training checkpoints to resume from (the work dir's
-    #: ``checkpoints/``, set by the group level); ``None`` trains without checkpoints.
-    checkpoint_dir: Path | None = None
+    #: The paper of the method, listed under References in logs/CITATION.md ("" for none).
+    citation: ClassVar[str] = ""
 
-    def __init__(self, **params: Any) -> None:
+    def __init__(self, *, checkpoint_dir: Path | None = None, **params: Any) -> None:
+        """``params`` are the settings the model card records; ``checkpoint_dir`` is where a
+        learned harmonizer keeps training checkpoints to resume from (the group level passes
+        the work directory's ``checkpoints/<method>``; ``None`` trains without them)."""
         self.params: dict[str, Any] = dict(params)
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
 
     # -- public contract -------------------------------------------------------------------
     def fit(
@@ -70,37 +85,36 @@ class Harmonizer(ABC):
                 f"{len(sites)} sites, {len(sequences)} sequences"
             )
         target_site = resolve_target_site(images, sites, target)
-        if target_site == UNIFIED and not self.supports_unified:
-            raise UsageError(
-                f"--target-site unified is not supported by {self.name}; name a site or use auto"
-            )
-        state: dict[str, dict[str, np.ndarray]] = {}
-        reference_counts: dict[str, int] = {}
+        references: dict[str, list[Volume]] = {}
         for sequence in sorted(set(sequences)):
-            seq_images = [im for im, s in zip(images, sequences) if s == sequence]
-            seq_sites = [site for site, s in zip(sites, sequences) if s == sequence]
-            reference = [
-                im for im, site in zip(seq_images, seq_sites)
-                if target_site == UNIFIED or site == target_site
+            references[sequence] = [
+                im for im, site, s in zip(images, sites, sequences)
+                if s == sequence and (target_site == UNIFIED or site == target_site)
             ]
-            if not reference:
+            if not references[sequence]:
                 raise DataError(
                     f"target site '{target_site}' has no {sequence} image to learn from; "
                     "choose another --target-site or drop that --suffix"
                 )
-            reference_counts[sequence] = len(reference)
-            state[sequence] = self._fit_sequence(reference)
-            state[sequence][REFERENCE_QUANTILES] = np.quantile(
+        fitted = self._fit_sequences(references)
+        per_sequence = {sequence: dict(arrays) for sequence, arrays in fitted.sequences.items()}
+        for sequence, reference in references.items():
+            per_sequence.setdefault(sequence, {})[REFERENCE_QUANTILES] = np.quantile(
                 np.concatenate([im.brain for im in reference]), np.linspace(0.0, 1.0, 1001)
             ).astype(np.float32)
-        self.state_ = state
+        # transform hands a sequence's arrays and the shared ones over in one mapping.
+        clashes = set(fitted.shared) & {key for arrays in per_sequence.values() for key in arrays}
+        if clashes:
+            raise ValueError(f"{self.name} fitted {sorted(clashes)} both shared and per sequence")
+        self.state_ = per_sequence
+        self.shared_state_ = dict(fitted.shared)
         self.target_site_ = target_site
         self.training_ = {
             "sites": sorted(set(sites)),
             "sequences": sorted(set(sequences)),
             "n_images": len(images),
             # The target-site images per sequence: all that a blind method learns from.
-            "reference_images": reference_counts,
+            "reference_images": {sequence: len(ims) for sequence, ims in references.items()},
             "checksum": checksum_images(images),
         }
         return self
@@ -113,7 +127,7 @@ class Harmonizer(ABC):
                 f"the {self.name} model was fitted on {sorted(self.state_)} but not {sequence}; "
                 "refit it at the group level with that --suffix"
             )
-        out = self._transform_sequence(image, self.state_[sequence])
+        out = self._transform_sequence(image, {**self.shared_state_, **self.state_[sequence]})
         mask = image.mask.astype(bool)
         return np.where(mask, out, 0.0).astype(np.float32)
 
@@ -121,10 +135,11 @@ class Harmonizer(ABC):
         """Write the state file and ``model_card.json`` into ``directory`` atomically."""
         self._check_fitted()
         directory = Path(directory)
+        owners = {**self.state_, SHARED: self.shared_state_}
         arrays = {
-            f"{sequence}/{key}": np.ascontiguousarray(value)
-            for sequence, seq_state in self.state_.items()
-            for key, value in seq_state.items()
+            f"{owner}/{key}": np.ascontiguousarray(value)
+            for owner, owned in owners.items()
+            for key, value in owned.items()
         }
         with atomic_directory(directory) as staging:
             self._write_state(arrays, staging / self.state_file)
@@ -150,9 +165,10 @@ class Harmonizer(ABC):
             raise InputMissingError(f"{state_path} not found; refit the model at the group level")
         state: dict[str, dict[str, np.ndarray]] = {}
         for key, value in cls._read_state(state_path).items():
-            sequence, name = key.split("/", 1)
-            state.setdefault(sequence, {})[name] = value
+            owner, name = key.split("/", 1)
+            state.setdefault(owner, {})[name] = value
         harmonizer = cls(**card["parameters"])
+        harmonizer.shared_state_ = state.pop(SHARED, {})
         harmonizer.state_ = state
         harmonizer.target_site_ = card["target_site"]
         harmonizer.training_ = card["training"]
@@ -190,13 +206,22 @@ class Harmonizer(ABC):
         """Add method-specific entries to the card (and files to ``staging``) before saving."""
 
     # -- to implement ----------------------------------------------------------------------
-    @abstractmethod
+    def _fit_sequences(self, references: Mapping[str, Sequence[Volume]]) -> FittedState:
+        """Fit every sequence from its target reference images. Fits each on its own; a
+        method whose weights serve several sequences overrides this and returns them in
+        ``FittedState.shared``."""
+        return FittedState(
+            {sequence: self._fit_sequence(reference) for sequence, reference in references.items()}
+        )
+
     def _fit_sequence(self, reference: Sequence[Volume]) -> dict[str, np.ndarray]:
-        """Return the fitted arrays for one sequence (keys as in ``_state_keys``)."""
+        """Return the fitted arrays of one sequence."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither _fit_sequence "
+                                  "nor _fit_sequences")
 
     @abstractmethod
     def _transform_sequence(self, image: Volume, state: dict[str, np.ndarray]) -> np.ndarray:
-        """Harmonize one image with one sequence's fitted arrays."""
+        """Harmonize one image with its sequence's fitted arrays and the shared ones."""
 
     # -- helpers ---------------------------------------------------------------------------
     def _check_fitted(self) -> None:
@@ -208,49 +233,6 @@ class Harmonizer(ABC):
 
 
 H = TypeVar("H", bound=Harmonizer)
-
-
-class HarmonizerRegistry(Mapping[str, type[Harmonizer]]):
-    """Harmonizers by name. Learned ones are registered by module path and imported on
-    first use, so listing the names (``--help``, the descriptor) never imports PyTorch."""
-
-    def __init__(self) -> None:
-        self._classes: dict[str, type[Harmonizer]] = {}
-        self._lazy_modules: dict[str, str] = {}
-
-    def add(self, name: str, harmonizer_class: type[Harmonizer]) -> None:
-        if name in self._classes:
-            raise ValueError(f"harmonizer name '{name}' registered twice")
-        self._classes[name] = harmonizer_class
-
-    def add_lazy(self, name: str, module: str) -> None:
-        """Announce ``name``; ``module`` registers the class when first imported."""
-        self._lazy_modules[name] = module
-
-    def __getitem__(self, name: str) -> type[Harmonizer]:
-        if name not in self._classes and name in self._lazy_modules:
-            importlib.import_module(self._lazy_modules[name])
-        return self._classes[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(sorted(set(self._classes) | set(self._lazy_modules)))
-
-    def __len__(self) -> int:
-        return len(set(self._classes) | set(self._lazy_modules))
-
-
-HARMONIZERS = HarmonizerRegistry()
-
-
-def register(name: str) -> Callable[[type[H]], type[H]]:
-    """Class decorator: make a harmonizer available as ``--method name``."""
-
-    def decorator(cls: type[H]) -> type[H]:
-        cls.name = name
-        HARMONIZERS.add(name, cls)
-        return cls
-
-    return decorator
 
 
 def read_model_card(directory: Path) -> dict[str, Any]:

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from bids_harmony.errors import DataError, UsageError
-from bids_harmony.harmonizers.base import register
-from bids_harmony.volume import Volume
+from bids_harmony.harmonizers.registry import register
 from bids_harmony.harmonizers.learned import (
+    BrainBox,
     LearnedHarmonizer,
     network_arrays,
     network_state,
@@ -30,7 +30,9 @@ from bids_harmony.harmonizers.learned import (
 )
 from bids_harmony.nn import checkpoint_path, fingerprint, train
 from bids_harmony.nn.device import resolve_device, validate_device
+from bids_harmony.nn.guidance import pearson_ncc_gradient
 from bids_harmony.nn.spline_flow import FlowArchitecture, SplineFlow, build_spline_flow
+from bids_harmony.volume import Volume
 
 MEAN_IMAGE = "mean_image"
 #: The settings that decide the trained weights (a run's fingerprint).
@@ -103,7 +105,10 @@ class BlindHarmony(LearnedHarmonizer):
 
     * Slices keep the volume's 1-99 % normalisation instead of the paper's per-slice min-max,
       so that harmonized slices stack back into a volume without slice-to-slice jumps.
-      Slices are zero-padded around the centre to a multiple of 2^levels.
+    * Training and inference run on the :class:`~bids_harmony.harmonizers.learned.BrainBox`
+      of the training masks, its in-plane sides multiples of 2^levels (the flow's squeezes);
+      the output is 0 outside it. Slices are zero-padded around the centre to a multiple of
+      2^levels where the grid is too small for that.
     * x0, "an averaged image of training data images", is the voxel-wise mean of the target
       volumes: every image is in template space, so it is the mean slice at the same place.
     * beta_1 multiplies the gradient of the slice's Pearson NCC scaled by
@@ -117,25 +122,35 @@ class BlindHarmony(LearnedHarmonizer):
       16-bit floats.
     """
 
+    citation = ("Jeong H, Byun H, Kang DU, Lee J. BlindHarmony: \"blind\" harmonization for MR "
+                "images via flow model. ICCV, 2023.")
+
     presets: ClassVar[tuple[str, ...]] = tuple(PRESETS)
     loss_label: ClassVar[str] = "negative log-likelihood (bits / pixel)"
 
-    def __init__(self, preset: str = "fast", **overrides: Any) -> None:
+    def __init__(self, preset: str = "fast", checkpoint_dir: Path | None = None,
+                 **overrides: Any) -> None:
         settings = resolve_settings(self.name, PRESETS, preset, overrides)
         _validate(settings)
         self.settings = settings
-        super().__init__(preset=preset, **asdict(settings))
+        super().__init__(preset=preset, checkpoint_dir=checkpoint_dir, **asdict(settings))
 
     # -- contract --------------------------------------------------------------------------
     def _fit_sequence(self, reference: Sequence[Volume]) -> dict[str, np.ndarray]:
         settings = self.settings
         _check_same_grid(reference)
-        slices = training_slices(reference, settings)
-        height, width = slices.shape[-2:]
-        flow = build_spline_flow(settings.architecture, height, width, settings.seed)
-        device = resolve_device(settings.device)
-        losses = fit_flow(flow.to(device), slices, settings, self._checkpoint(slices))
-        state = network_arrays(flow, losses)
+        box = BrainBox.around([im.mask for im in reference], box_multiples(settings))
+        slices = training_slices([box.crop(im) for im in reference], settings)
+        run = self._run_name(slices)
+
+        def train_flow() -> dict[str, np.ndarray]:
+            height, width = slices.shape[-2:]
+            flow = build_spline_flow(settings.architecture, height, width, settings.seed)
+            device = resolve_device(settings.device)
+            checkpoint = checkpoint_path(self.checkpoint_dir, run)
+            return network_arrays(flow, fit_flow(flow.to(device), slices, settings, checkpoint))
+
+        state = {**self._stage("flow", run, train_flow), **box.to_state()}
         state[MEAN_IMAGE] = np.mean([im.data for im in reference], axis=0).astype(np.float32)
         return state
 
@@ -147,21 +162,26 @@ class BlindHarmony(LearnedHarmonizer):
                 f"image grid {image.data.shape} differs from the grid the blindharmony model "
                 f"was trained on {mean_image.shape}; use the same --resolution as the group run"
             )
+        box = BrainBox.from_state(state)
+        image = box.crop(image)
         height, width = padded_slice_shape(image.data.shape, settings)
         flow = build_spline_flow(settings.architecture, height, width, settings.seed)
         flow.load_state_dict({k: torch.from_numpy(v) for k, v in network_state(state).items()})
         device = resolve_device(settings.device)
         flow.to(device).eval()
-        return harmonize_volume(flow, image, mean_image, settings, device)
+        return box.uncrop(
+            harmonize_volume(flow, image, mean_image[box.index], settings, device)
+        )
 
-    def _checkpoint(self, slices: torch.Tensor) -> Path | None:
-        """The run's checkpoint file, named by what decides the weights: not the device,
-        the checkpoint interval or the harmonization settings."""
+    def _run_name(self, slices: torch.Tensor) -> str:
+        """The fingerprint of the flow's training (its checkpoint and stage), from what
+        decides the weights: not the device, the checkpoint interval or the harmonization
+        settings."""
         settings = {
             name: value for name, value in asdict(self.settings).items()
             if name in TRAINING_FIELDS
         }
-        return checkpoint_path(self.checkpoint_dir, fingerprint(settings, [slices.numpy()]))
+        return fingerprint(settings, [slices.numpy()])
 
 
 # -- settings ------------------------------------------------------------------------------
@@ -196,6 +216,12 @@ def _check_same_grid(volumes: Sequence[Volume]) -> None:
 
 
 # -- slices --------------------------------------------------------------------------------
+def box_multiples(settings: PriorSettings) -> list[int]:
+    """What the brain box's sides must be multiples of: 2^levels in-plane, 1 across slices."""
+    divisor = settings.architecture.divisor
+    return [1 if axis == settings.slice_axis else divisor for axis in range(3)]
+
+
 def padded_slice_shape(shape: Sequence[int], settings: PriorSettings) -> tuple[int, int]:
     """The in-plane sides of a slice, rounded up to a multiple of 2^levels."""
     divisor = settings.architecture.divisor
@@ -285,17 +311,6 @@ def fit_flow(
 
 
 # -- Algorithm 1 ---------------------------------------------------------------------------
-def ncc_gradient(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """Gradient of the per-slice Pearson NCC(x, source) with respect to x, (B, 1, H, W)."""
-    pixels = x[0].numel()
-    a = x - x.mean(dim=(1, 2, 3), keepdim=True)
-    b = source - source.mean(dim=(1, 2, 3), keepdim=True)
-    sd_a = a.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-6)
-    sd_b = b.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-6)
-    correlation = (a * b).mean(dim=(1, 2, 3), keepdim=True) / (sd_a * sd_b)
-    return (b / (sd_a * sd_b) - correlation * a / sd_a**2) / pixels
-
-
 def gradient_magnitude_terms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward differences along the two in-plane axes (zero at the far border)."""
     d_u = torch.zeros_like(x)
@@ -346,7 +361,7 @@ def blind_harmony(
     for iteration in range(settings.iterations):
         x = (
             x
-            + ncc_scale * ncc_gradient(x, source)
+            + ncc_scale * pearson_ncc_gradient(x, source)
             - settings.beta_edge * edge_penalty_gradient(x, mask)
         )
         if iteration < settings.iterations - 1:

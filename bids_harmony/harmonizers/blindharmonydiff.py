@@ -4,12 +4,9 @@ Training (per sequence, on the target-site reference images): each image's 3D Ca
 (the pipeline's rule: 8 % of the brain-mask voxels) and whole-volume coordinates condition a
 velocity U-Net (:class:`bids_harmony.nn.VelocityUNet`) trained with the rectified-flow loss on
 multi-stride patches. Harmonization: the source's edge map drives an ODE from noise over the
-whole volume, then gradient ascent on the subject-wise NCC with the source suppresses
-hallucinations (paper Sec. 3, supplement S3.1).
-
-The objective and the sampler are written here rather than taken from MONAI's
-``RFlowScheduler``: that scheduler works on discrete, reversed timesteps and its ``step`` is
-an Euler step only, while the paper integrates continuous time with the midpoint method.
+brain box, then gradient ascent on the subject-wise NCC with the source suppresses
+hallucinations (paper Sec. 3, supplement S3.1). The objective and the sampler are
+:mod:`bids_harmony.nn.rectified_flow`, the NCC ascent :mod:`bids_harmony.nn.guidance`.
 """
 
 from __future__ import annotations
@@ -24,9 +21,9 @@ import numpy as np
 import torch
 
 from bids_harmony.errors import UsageError
-from bids_harmony.harmonizers.base import register
-from bids_harmony.volume import Volume
+from bids_harmony.harmonizers.registry import register
 from bids_harmony.harmonizers.learned import (
+    BrainBox,
     LearnedHarmonizer,
     network_arrays,
     network_state,
@@ -35,8 +32,10 @@ from bids_harmony.harmonizers.learned import (
 from bids_harmony.imaging.edges import canny_edges_at_ratio
 from bids_harmony.nn import VelocityUNet, checkpoint_path, fingerprint, train
 from bids_harmony.nn.device import resolve_device, validate_device
+from bids_harmony.nn.guidance import masked_ncc_ascent_step
+from bids_harmony.nn.rectified_flow import SOLVERS, integrate, rectified_flow_loss
+from bids_harmony.volume import EDGES, Volume
 
-SOLVERS = ("euler", "midpoint")
 #: ``after``: the paper's refinement (Sec. 3.5), all NCC steps on the ODE output.
 #: ``interleaved``: the public code's ``sample_tra``, NCC steps between ODE segments.
 REFINEMENT_SCHEDULES = ("after", "interleaved")
@@ -54,7 +53,8 @@ class FlowSettings:
     ``multi_stride_fraction`` is the share of training patches cut with strides > 1 (paper:
     20 %). ``sampling_steps`` is the number of ODE steps of size 1 / steps (paper: 16).
     ``refinement_steps`` / ``refinement_step_size``: NCC gradient-ascent steps (paper: 6,
-    0.02). ``edge_ratio``: share of brain voxels that are Canny edges (paper: 8 %).
+    0.02). ``edge_ratio``: share of brain voxels that are Canny edges (paper: 8 %), used
+    only for images that come without the pipeline's edge map (the Python API).
     ``checkpoint_every``: training steps between checkpoints, written only when the harmonizer
     has a ``checkpoint_dir`` (the group level's work directory). ``precision`` of the
     network's evaluations in the ODE: ``auto`` (bf16 on a CUDA device that supports it, else
@@ -98,12 +98,18 @@ class BlindHarmonyDiff(LearnedHarmonizer):
     the model card says exactly how the model was trained and samples. Choices the paper
     leaves open:
 
+    * The edge map is the image's :data:`~bids_harmony.volume.EDGES` channel, the
+      pipeline's ``desc-edges`` file; an image without one gets it computed by
+      :func:`pipeline_edge_map`, the pipeline's own rule, on the full grid.
+    * Training and inference run on the :class:`~bids_harmony.harmonizers.learned.BrainBox`
+      of the training masks, each side a multiple of the U-Net's ``divisor``; the output is
+      0 outside it.
     * Images enter the flow as ``2 * data - 1`` (target in [-1, 1], the scale of the noise),
       edge maps as {0, 1}; outputs are mapped back and clipped to [0, 1].
-    * Volumes are zero-padded at their high end (to the patch size for training, to a
-      multiple of the U-Net's ``divisor`` for inference); coordinates run from -1 to 1 over
-      the unpadded grid and continue linearly into the padding, so a voxel has the same
-      coordinates in training and at inference.
+    * Boxes are zero-padded at their high end (to the patch size for training, to a
+      multiple of the U-Net's ``divisor`` for inference when the grid is smaller than the
+      box needs); coordinates run from -1 to 1 over the box and continue linearly into the
+      padding, so a voxel has the same coordinates in training and at inference.
     * A multi-stride patch draws each axis's stride uniformly from 1 .. floor(side / patch)
       (redrawn while all are 1), crops a random sub-volume of stride x patch voxels and keeps
       every stride-th voxel. Flips mirror all five channels together, so every voxel keeps
@@ -117,16 +123,22 @@ class BlindHarmonyDiff(LearnedHarmonizer):
     checkpoint every ``checkpoint_every`` steps, named by a fingerprint of the settings and
     the reference images, and a rerun resumes from it to the same weights an uninterrupted
     run gives (every step draws its patches, noise and times from one seeded generator).
+    The finished weights go to the stage cache under the same fingerprint, so a refit on the
+    same target images loads them instead of training again.
     Training runs in fp32, as in the paper; mixed-precision training is a later option. The
     ODE's network evaluations run under ``torch.autocast`` at ``precision`` (bf16 by default
     on a GPU, for speed); the state ``x`` and the NCC refinement stay fp32, so rounding does
     not accumulate over the steps.
     """
 
+    citation = ("Jeong H, Lee H, Chun SY, Lee J. Efficient and robust 3D blind harmonization for "
+                "large domain gaps. CVPR, 2025.")
+
     presets: ClassVar[tuple[str, ...]] = tuple(PRESETS)
     loss_label: ClassVar[str] = "rectified-flow loss"
 
-    def __init__(self, preset: str = "fast", **overrides: Any) -> None:
+    def __init__(self, preset: str = "fast", checkpoint_dir: Path | None = None,
+                 **overrides: Any) -> None:
         if "multipliers" in overrides:
             overrides["multipliers"] = tuple(int(m) for m in overrides["multipliers"])
         settings = resolve_settings(self.name, PRESETS, preset, overrides)
@@ -134,26 +146,31 @@ class BlindHarmonyDiff(LearnedHarmonizer):
         self.settings = settings
         params = asdict(settings)
         params["multipliers"] = list(settings.multipliers)
-        super().__init__(preset=preset, **params)
+        super().__init__(preset=preset, checkpoint_dir=checkpoint_dir, **params)
 
     # -- contract --------------------------------------------------------------------------
     def _fit_sequence(self, reference: Sequence[Volume]) -> dict[str, np.ndarray]:
         settings = self.settings
-        device = resolve_device(settings.device)
         network = build_network(settings)
+        box = BrainBox.around([im.mask for im in reference], [network.divisor] * 3)
+        cropped = [box.crop(with_edges(im, settings.edge_ratio)) for im in reference]
         volumes = [
-            training_channels(
-                im, settings.edge_ratio, padded_shape(im.data.shape, 1, settings.patch_size)
-            )
-            for im in reference
+            training_channels(im, padded_shape(im.data.shape, 1, settings.patch_size))
+            for im in cropped
         ]
         run_settings = {
             name: value for name, value in asdict(settings).items()
             if name not in NOT_IN_FINGERPRINT
         }
-        checkpoint = checkpoint_path(self.checkpoint_dir, fingerprint(run_settings, volumes))
-        losses = train_velocity_field(network, volumes, settings, device, checkpoint)
-        return network_arrays(network, losses)
+        run = fingerprint(run_settings, volumes)
+
+        def train_network() -> dict[str, np.ndarray]:
+            checkpoint = checkpoint_path(self.checkpoint_dir, run)
+            device = resolve_device(settings.device)
+            losses = train_velocity_field(network, volumes, settings, device, checkpoint)
+            return network_arrays(network, losses)
+
+        return {**self._stage("velocity", run, train_network), **box.to_state()}
 
     def _transform_sequence(self, image: Volume, state: dict[str, np.ndarray]) -> np.ndarray:
         settings = self.settings
@@ -162,8 +179,10 @@ class BlindHarmonyDiff(LearnedHarmonizer):
         network.load_state_dict(
             {name: torch.from_numpy(value) for name, value in network_state(state).items()}
         )
+        box = BrainBox.from_state(state)
+        image = box.crop(with_edges(image, settings.edge_ratio))
         shape = padded_shape(image.data.shape, network.divisor, 1)
-        condition = conditioning_channels(image, settings.edge_ratio, shape)
+        condition = conditioning_channels(image, shape)
         source = pad_end((2.0 * image.data - 1.0).astype(np.float32), shape, -1.0)
         mask = pad_end(image.mask.astype(bool), shape, False)
         generator = torch.Generator().manual_seed(settings.seed)
@@ -177,7 +196,7 @@ class BlindHarmonyDiff(LearnedHarmonizer):
             settings,
         )
         out = harmonized[0, 0].cpu().numpy()[tuple(slice(0, s) for s in image.data.shape)]
-        return np.clip((out + 1.0) / 2.0, 0.0, 1.0)
+        return box.uncrop(np.clip((out + 1.0) / 2.0, 0.0, 1.0))
 
 
 # -- settings ------------------------------------------------------------------------------
@@ -274,19 +293,39 @@ def pad_end(array: np.ndarray, shape: Sequence[int], fill: float) -> np.ndarray:
     return padded
 
 
-def conditioning_channels(image: Volume, edge_ratio: float, shape: Sequence[int]) -> np.ndarray:
-    """(4, *shape): the Canny edge map (``edge_ratio`` of brain voxels) and the coordinates."""
+def pipeline_edge_map(image: Volume, edge_ratio: float) -> np.ndarray:
+    """The edge map the pipeline's Canny step writes for ``image`` (``desc-edges``).
+
+    The same call as the participant level's ``CannyEdges`` node: ``edge_ratio`` of the
+    brain-mask voxels, the interface's default smoothing and search, and the voxel spacing,
+    without which the smoothing kernel and so the map differ on any grid but 1 mm.
+    """
     edges, _ = canny_edges_at_ratio(
-        image.data, edge_ratio, mask=image.mask, denominator="mask"
+        image.data, edge_ratio, spacing=image.spacing, mask=image.mask, denominator="mask"
     )
+    return edges
+
+
+def with_edges(image: Volume, edge_ratio: float) -> Volume:
+    """``image`` with its :data:`EDGES` channel: the pipeline's map when it came with one,
+    else :func:`pipeline_edge_map`."""
+    if EDGES in image.channels:
+        return image
+    channels = {**image.channels, EDGES: pipeline_edge_map(image, edge_ratio)}
+    return Volume(image.data, image.mask, image.spacing, channels)
+
+
+def conditioning_channels(image: Volume, shape: Sequence[int]) -> np.ndarray:
+    """(4, *shape): the image's edge map (:data:`EDGES` channel) and the coordinates."""
+    edges = np.asarray(image.channel(EDGES), dtype=np.float32)
     coordinates = whole_volume_coordinates(image.data.shape, shape)
-    return np.concatenate([pad_end(edges.astype(np.float32), shape, 0.0)[None], coordinates])
+    return np.concatenate([pad_end(edges, shape, 0.0)[None], coordinates])
 
 
-def training_channels(image: Volume, edge_ratio: float, shape: Sequence[int]) -> np.ndarray:
+def training_channels(image: Volume, shape: Sequence[int]) -> np.ndarray:
     """(5, *shape): the image in [-1, 1] (background -1), then :func:`conditioning_channels`."""
     target = pad_end((2.0 * image.data - 1.0).astype(np.float32), shape, -1.0)
-    return np.concatenate([target[None], conditioning_channels(image, edge_ratio, shape)])
+    return np.concatenate([target[None], conditioning_channels(image, shape)])
 
 
 def extract_patch(
@@ -341,20 +380,7 @@ def training_batch(
     return torch.stack(patches)
 
 
-# -- objective and sampler -----------------------------------------------------------------
-def rectified_flow_loss(
-    network: VelocityUNet, batch: torch.Tensor, generator: torch.Generator
-) -> torch.Tensor:
-    """Eq. 6: ``||(x1 - x0) - v(t x1 + (1 - t) x0, t; e, i, j, k)||²`` with t ~ U(0, 1)."""
-    target, condition = batch[:, :1], batch[:, 1:]
-    noise = torch.randn(target.shape, generator=generator).to(batch.device)
-    times = torch.rand(batch.shape[0], generator=generator).to(batch.device)
-    t = times[:, None, None, None, None]
-    noisy = t * target + (1.0 - t) * noise
-    velocity = network(torch.cat([noisy, condition], dim=1), times)
-    return torch.mean((target - noise - velocity) ** 2)
-
-
+# -- training and sampling -----------------------------------------------------------
 def train_velocity_field(
     network: VelocityUNet,
     volumes: Sequence[np.ndarray],
@@ -383,48 +409,6 @@ def train_velocity_field(
     )
 
 
-def velocity(
-    network: VelocityUNet, x: torch.Tensor, t: float, condition: torch.Tensor,
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """The network's velocity at state ``x`` and time ``t`` (one value for the batch),
-    evaluated under autocast to ``dtype`` unless it is ``None``, returned in ``x``'s dtype."""
-    times = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
-    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-        return network(torch.cat([x, condition], dim=1), times).to(x.dtype)
-
-
-def ode_step(
-    network: VelocityUNet, x: torch.Tensor, t: float, h: float, condition: torch.Tensor,
-    solver: str, dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """One Euler or explicit-midpoint step of size ``h`` from time ``t``."""
-    if solver == "euler":
-        return x + h * velocity(network, x, t, condition, dtype)
-    half = x + 0.5 * h * velocity(network, x, t, condition, dtype)
-    return x + h * velocity(network, half, t + 0.5 * h, condition, dtype)
-
-
-def ncc_ascent_step(
-    x: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, step_size: float
-) -> torch.Tensor:
-    """One gradient-ascent step on the NCC between ``x`` and ``source`` inside ``mask``.
-
-    The gradient is that of the voxel-sum NCC, ``b / (sa sb) - ncc * a / sa²`` with ``a``,
-    ``b`` the centred intensities and ``sa``, ``sb`` their RMS, so a step's size per voxel is
-    independent of the number of voxels. Voxels outside ``mask`` are left as they are.
-    """
-    a = x[mask] - x[mask].mean()
-    b = source[mask] - source[mask].mean()
-    sd_a = a.pow(2).mean().sqrt().clamp_min(1e-6)
-    sd_b = b.pow(2).mean().sqrt().clamp_min(1e-6)
-    correlation = (a * b).mean() / (sd_a * sd_b)
-    gradient = b / (sd_a * sd_b) - correlation * a / sd_a**2
-    out = x.clone()
-    out[mask] = x[mask] + step_size * gradient
-    return out
-
-
 @torch.no_grad()
 def sample_and_refine(
     network: VelocityUNet,
@@ -441,23 +425,25 @@ def sample_and_refine(
     last at t = 1), each toward the source moved along the same path, ``t s + (1 - t) x0``.
     The network runs at ``settings.precision``; ``x`` and the refinement stay in fp32.
     """
-    network.eval()
-    dtype = autocast_dtype(settings.precision, noise.device)
     steps = settings.sampling_steps
-    h = 1.0 / steps
+    step_size = settings.refinement_step_size
     interleaved_at: set[int] = set()
     if settings.refinement_schedule == "interleaved" and settings.refinement_steps:
         boundaries = np.linspace(steps, 0, settings.refinement_steps, endpoint=False)
         interleaved_at = {int(k) for k in np.round(boundaries)}
-    x = noise
-    for k in range(steps):
-        x = ode_step(network, x, k * h, h, condition, settings.solver, dtype)
-        if k + 1 in interleaved_at:
-            t = (k + 1) * h
-            x = ncc_ascent_step(
-                x, t * source + (1.0 - t) * noise, mask, settings.refinement_step_size
-            )
+
+    def toward_moving_source(k: int, x: torch.Tensor) -> torch.Tensor:
+        if k not in interleaved_at:
+            return x
+        t = k * (1.0 / steps)  # the time the ODE reached, as integrate computes it
+        return masked_ncc_ascent_step(x, t * source + (1.0 - t) * noise, mask, step_size)
+
+    x = integrate(
+        network, noise, condition, steps, settings.solver,
+        autocast_dtype(settings.precision, noise.device),
+        toward_moving_source if interleaved_at else None,
+    )
     if settings.refinement_schedule == "after":
         for _ in range(settings.refinement_steps):
-            x = ncc_ascent_step(x, source, mask, settings.refinement_step_size)
+            x = masked_ncc_ascent_step(x, source, mask, step_size)
     return x

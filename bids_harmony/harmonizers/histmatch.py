@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
 
 import numpy as np
 
 from bids_harmony.errors import UsageError
-from bids_harmony.harmonizers.base import Harmonizer, register
+from bids_harmony.harmonizers.base import Harmonizer
+from bids_harmony.harmonizers.registry import register
 from bids_harmony.volume import Volume
 
 
@@ -31,7 +31,9 @@ class HistogramMatching(Harmonizer):
       and the output stays within the target's intensity range.
     """
 
-    _state_keys: ClassVar[tuple[str, ...]] = ("levels", "quantiles")
+    citation = ("Jeong H, Lee H, Chun SY, Lee J. Efficient and robust 3D blind harmonization for "
+                "large domain gaps. CVPR, 2025 (its subject-level 3D histogram-matching "
+                "baseline).")
 
     def __init__(self, n_quantiles: int = 1024) -> None:
         if int(n_quantiles) < 2:

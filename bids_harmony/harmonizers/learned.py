@@ -1,18 +1,22 @@
-"""What the learned harmonizers share: safetensors weights and a model card with the
-training loss curve (thinned in the JSON, full as a PNG beside it)."""
+"""What the learned harmonizers share: safetensors weights, a model card with the training
+loss curve (thinned in the JSON, full as a PNG beside it), the brain-box crop they train and
+infer on, and the stage cache that spares a rerun with unchanged inputs."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import fields, replace
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from bids_harmony.errors import UsageError
+from bids_harmony.errors import DataError, UsageError
 from bids_harmony.harmonizers.base import Harmonizer
+from bids_harmony.nn.stages import StageResult, run_stage
+from bids_harmony.volume import Volume
 
 if TYPE_CHECKING:
     import torch
@@ -24,6 +28,11 @@ NETWORK_PREFIX = "net."
 LOSS_HISTORY = "loss_history"
 #: Points kept of the loss curve in the model card (window means over the whole run).
 CARD_CURVE_POINTS = 500
+#: State keys of the brain box: (3, 2) start and stop voxel per axis, and the grid it is in.
+BRAIN_BOX = "brain_box"
+BRAIN_BOX_GRID = "brain_box_grid"
+#: Folder of finished training stages, inside the harmonizer's checkpoint directory.
+STAGES_DIR = "stages"
 
 
 class LearnedHarmonizer(Harmonizer):
@@ -34,7 +43,6 @@ class LearnedHarmonizer(Harmonizer):
 
     state_file: ClassVar[str] = WEIGHTS_FILE
     loss_label: ClassVar[str] = "training loss"
-    _state_keys: ClassVar[tuple[str, ...]] = (LOSS_HISTORY,)
 
     def _write_state(self, arrays: dict[str, np.ndarray], path: Path) -> None:
         save_file(arrays, str(path))
@@ -53,6 +61,83 @@ class LearnedHarmonizer(Harmonizer):
                 seq_state[LOSS_HISTORY], f"{type(self).__name__}, {sequence}",
                 self.loss_label, staging / f"loss_{sequence}.png",
             )
+
+    def _stage(self, stage: str, key: str, compute: Callable[[], StageResult]) -> StageResult:
+        """``compute()`` through the stage cache beside the checkpoints (none without a
+        ``checkpoint_dir``): a refit on the same inputs loads the finished weights."""
+        store = None if self.checkpoint_dir is None else self.checkpoint_dir / STAGES_DIR
+        return run_stage(store, f"{self.name}-{stage}", key, compute)
+
+
+@dataclass(frozen=True)
+class BrainBox:
+    """The bounding box of the union of the training brain masks, grown to the sides a
+    network needs, on the template grid ``grid``.
+
+    Learned methods train and infer inside it: the template grid is mostly background, which
+    would cost compute and, for patch training, dilute the batches. Each side is rounded up
+    to a multiple of its ``multiples`` entry, growing the box evenly around the brain and
+    shifting it to stay inside the grid; a side that would outgrow the grid takes the whole
+    grid side (the network then pads as before). Outputs are 0 outside the box: a voxel no
+    training brain reached has no target style to learn from.
+    """
+
+    start: tuple[int, ...]
+    stop: tuple[int, ...]
+    grid: tuple[int, ...]
+
+    @classmethod
+    def around(cls, masks: Sequence[np.ndarray], multiples: Sequence[int]) -> BrainBox:
+        union = np.logical_or.reduce([np.asarray(mask, dtype=bool) for mask in masks])
+        if not union.any():
+            raise DataError("the training brain masks are empty; check the brain extraction")
+        start, stop = [], []
+        for axis, multiple in enumerate(multiples):
+            grid_side = union.shape[axis]
+            other_axes = tuple(a for a in range(union.ndim) if a != axis)
+            occupied = np.flatnonzero(union.any(axis=other_axes))
+            low, side = int(occupied[0]), int(occupied[-1]) - int(occupied[0]) + 1
+            grown = min(grid_side, math.ceil(side / multiple) * multiple)
+            first = min(max(0, low - (grown - side) // 2), grid_side - grown)
+            start.append(first)
+            stop.append(first + grown)
+        return cls(tuple(start), tuple(stop), tuple(union.shape))
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, np.ndarray]) -> BrainBox:
+        box = np.asarray(state[BRAIN_BOX])
+        return cls(
+            tuple(int(v) for v in box[:, 0]), tuple(int(v) for v in box[:, 1]),
+            tuple(int(v) for v in state[BRAIN_BOX_GRID]),
+        )
+
+    def to_state(self) -> dict[str, np.ndarray]:
+        return {
+            BRAIN_BOX: np.array([self.start, self.stop], dtype=np.int64).T.copy(),
+            BRAIN_BOX_GRID: np.array(self.grid, dtype=np.int64),
+        }
+
+    @property
+    def index(self) -> tuple[slice, ...]:
+        return tuple(slice(low, high) for low, high in zip(self.start, self.stop))
+
+    def crop(self, image: Volume) -> Volume:
+        """``image`` (intensities, mask and channels) inside the box."""
+        if image.data.shape != self.grid:
+            raise DataError(
+                f"image grid {image.data.shape} differs from the grid the model was trained "
+                f"on {self.grid}; use the same --resolution as the group run"
+            )
+        return Volume(
+            image.data[self.index], image.mask[self.index], image.spacing,
+            {name: channel[self.index] for name, channel in image.channels.items()},
+        )
+
+    def uncrop(self, data: np.ndarray) -> np.ndarray:
+        """``data`` of the box's shape placed on the full grid, 0 outside the box."""
+        full = np.zeros(self.grid, dtype=data.dtype)
+        full[self.index] = data
+        return full
 
 
 def resolve_settings(

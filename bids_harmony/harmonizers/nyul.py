@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
 
 import numpy as np
 
 from bids_harmony.errors import DataError, UsageError
-from bids_harmony.harmonizers.base import Harmonizer, register
+from bids_harmony.harmonizers.base import Harmonizer
+from bids_harmony.harmonizers.registry import register
 from bids_harmony.volume import Volume
 
 DEFAULT_PERCENTILES = (1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0)
@@ -38,7 +38,9 @@ class Nyul(Harmonizer):
     by a tiny increment so the map stays monotone and finite.
     """
 
-    _state_keys: ClassVar[tuple[str, ...]] = ("percentiles", "standard_scale")
+    citation = ("Nyúl LG, Udupa JK. On standardizing the MR image intensity scale. Magn Reson Med "
+                "42(6):1072-1081, 1999; Nyúl LG, Udupa JK, Zhang X. New variants of a method of "
+                "MRI scale standardization. IEEE Trans Med Imaging 19(2):143-150, 2000.")
 
     def __init__(self, percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> None:
         chosen = [float(p) for p in percentiles]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
 
 import numpy as np
 from scipy.fft import dctn, idctn
 
 from bids_harmony.errors import DataError, UsageError
-from bids_harmony.harmonizers.base import Harmonizer, register
+from bids_harmony.harmonizers.base import Harmonizer
+from bids_harmony.harmonizers.registry import register
 from bids_harmony.volume import Volume
 
 
@@ -30,7 +30,9 @@ class SpectrumSwap(Harmonizer):
     image-level method; the output is then masked to the brain.
     """
 
-    _state_keys: ClassVar[tuple[str, ...]] = ("mean_image",)
+    citation = ("Guan H, Liu S, Lin W, Yap PT, Liu M. Fast image-level MRI harmonization via "
+                "spectrum analysis. Machine Learning in Medical Imaging (MLMI 2022), pp. 201-209. "
+                "Springer, 2022.")
 
     def __init__(self, cutoff: int = 3) -> None:
         if int(cutoff) < 1 or int(cutoff) != cutoff:

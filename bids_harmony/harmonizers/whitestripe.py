@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
 
 import numpy as np
 
 from bids_harmony.errors import DataError, UsageError
-from bids_harmony.harmonizers.base import Harmonizer, register
+from bids_harmony.harmonizers.base import Harmonizer
+from bids_harmony.harmonizers.registry import register
 from bids_harmony.volume import Volume
 
 # Our names for intensity_normalization's peak rules, keyed to the modality that selects them.
@@ -40,7 +40,9 @@ class WhiteStripe(Harmonizer):
       reference images (all images for ``unified``).
     """
 
-    _state_keys: ClassVar[tuple[str, ...]] = ("target_mean", "target_std")
+    citation = ("Shinohara RT, Sweeney EM, Goldsmith J, et al. Statistical normalization "
+                "techniques for magnetic resonance imaging. NeuroImage Clin 6:9-19, 2014. "
+                "doi:10.1016/j.nicl.2014.08.008")
 
     def __init__(self, width: float = 0.05, wm_peak: str = "largest") -> None:
         if not 0.0 < float(width) < 0.5:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
 
 import numpy as np
 
 from bids_harmony.errors import DataError
-from bids_harmony.harmonizers.base import Harmonizer, register
+from bids_harmony.harmonizers.base import Harmonizer
+from bids_harmony.harmonizers.registry import register
 from bids_harmony.volume import Volume
 
 
@@ -25,7 +25,9 @@ class ZScore(Harmonizer):
     spread of the means to the standard deviation.
     """
 
-    _state_keys: ClassVar[tuple[str, ...]] = ("target_mean", "target_std")
+    citation = ("Shinohara RT, Sweeney EM, Goldsmith J, et al. Statistical normalization "
+                "techniques for magnetic resonance imaging. NeuroImage Clin 6:9-19, 2014. "
+                "doi:10.1016/j.nicl.2014.08.008")
 
     def _fit_sequence(self, reference: Sequence[Volume]) -> dict[str, np.ndarray]:
         stats = np.array([brain_mean_std(image) for image in reference])

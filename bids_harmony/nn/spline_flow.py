@@ -21,10 +21,6 @@ from nflows import transforms
 from nflows.nn.nets import ConvResidualNet
 from nflows.utils import create_mid_split_binary_mask
 
-# nflows' LU 1x1 convolution calls torch.triangular_solve, which torch marks deprecated but
-# still provides; the warning says nothing a user can act on.
-warnings.filterwarnings("ignore", message="torch.triangular_solve is deprecated")
-
 #: Spline settings of the paper's configuration: 8 bins on [-3, 3], linear tails beyond.
 NUM_BINS = 8
 TAIL_BOUND = 3.0
@@ -64,8 +60,15 @@ class SplineFlow(torch.nn.Module):
         return self.transform(images)[0]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """f^-1(z): (B, H*W) latents back to (B, 1, H, W) images."""
-        return self.transform.inverse(latents)[0]
+        """f^-1(z): (B, H*W) latents back to (B, 1, H, W) images.
+
+        nflows' inverse LU 1x1 convolution calls ``torch.triangular_solve``, which torch marks
+        deprecated but still provides; that warning says nothing a user can act on, so it is
+        silenced here, for this call only.
+        """
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.triangular_solve is deprecated")
+            return self.transform.inverse(latents)[0]
 
 
 def build_spline_flow(

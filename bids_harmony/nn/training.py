@@ -1,11 +1,12 @@
 """The training loop the learned harmonizers share: progress bar, checkpoints, resume.
 
 A run is identified by a *fingerprint* (a hash of the settings and the training data that
-the caller computes). Every ``checkpoint_every`` steps the loop writes the network, the
-optimiser, the learning-rate schedule, the random generator and the loss history to
-``<checkpoint_dir>/<fingerprint>.pt`` atomically; a later run with the same fingerprint
-continues from there and ends with exactly the weights an uninterrupted run would have had
-(the generator state is restored, and every step draws its randomness from it).
+the caller computes). Every ``checkpoint_every`` steps the loop writes every network,
+optimiser and learning-rate schedule of the run (a GAN's discriminator and its optimiser,
+an EMA copy of the weights: anything with a ``state_dict``), the random generator and the
+loss history to ``<checkpoint_dir>/<fingerprint>.pt`` atomically; a later run with the same
+fingerprint continues from there and ends with exactly the state an uninterrupted run would
+have had (the generator state is restored, and every step draws its randomness from it).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import hashlib
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,44 @@ LOGGER = logging.getLogger(__name__)
 
 #: Loss of one step, computed from the generator (all randomness of a step comes from it).
 StepLoss = Callable[[torch.Generator], torch.Tensor]
+#: One whole training step (every update of every module), drawing its randomness from the
+#: generator; returns the loss to record for the step.
+TrainingStep = Callable[[torch.Generator], float]
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """Everything a run updates, by name: what a checkpoint saves and a resume restores.
+
+    ``modules`` holds the networks and any module-shaped extra state (e.g. an EMA of the
+    weights as ``torch.optim.swa_utils.AveragedModel``); names are the checkpoint's keys.
+    """
+
+    modules: Mapping[str, torch.nn.Module]
+    optimisers: Mapping[str, torch.optim.Optimizer] = field(default_factory=dict)
+    schedulers: Mapping[str, torch.optim.lr_scheduler.LRScheduler] = field(
+        default_factory=dict
+    )
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        return {
+            group: {name: part.state_dict() for name, part in parts.items()}
+            for group, parts in self._groups().items()
+        }
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, Any]]) -> None:
+        for group, parts in self._groups().items():
+            for name, part in parts.items():
+                part.load_state_dict(state[group][name])
+
+    def train(self, mode: bool = True) -> None:
+        for module in self.modules.values():
+            module.train(mode)
+
+    def _groups(self) -> dict[str, Mapping[str, Any]]:
+        return {
+            "modules": self.modules, "optimisers": self.optimisers, "schedulers": self.schedulers
+        }
 
 
 def fingerprint(settings: dict[str, Any], arrays: list[np.ndarray]) -> str:
@@ -55,7 +95,41 @@ def train(
     checkpoint_every: int = 500,
     description: str = "training",
 ) -> list[float]:
-    """Run ``steps`` optimiser steps of ``step_loss``; returns the loss of every step.
+    """One network, one optimiser: ``steps`` optimiser steps of ``step_loss``.
+
+    The common case of :func:`train_state`; returns the loss of every step.
+    """
+
+    def step(rng: torch.Generator) -> float:
+        loss = step_loss(rng)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        if scheduler is not None:
+            scheduler.step()
+        return float(loss.detach())
+
+    state = TrainingState(
+        {"network": network}, {"optimiser": optimiser},
+        {} if scheduler is None else {"scheduler": scheduler},
+    )
+    return train_state(
+        state, step, steps, generator,
+        checkpoint=checkpoint, checkpoint_every=checkpoint_every, description=description,
+    )
+
+
+def train_state(
+    state: TrainingState,
+    step: TrainingStep,
+    steps: int,
+    generator: torch.Generator,
+    *,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 500,
+    description: str = "training",
+) -> list[float]:
+    """Run ``steps`` calls of ``step`` on ``state``; returns the loss of every step.
 
     Resumes from ``checkpoint`` when it exists (steps already done are not repeated) and
     removes it once training is complete, since the saved model then holds the result.
@@ -64,11 +138,11 @@ def train(
     """
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-    network.train()
+    state.train()
     losses: list[float] = []
     start = 0
     if checkpoint is not None and checkpoint.is_file():
-        start, losses = _restore(checkpoint, network, optimiser, scheduler, generator)
+        start, losses = _restore(checkpoint, state, generator)
         LOGGER.info("%s: resuming from step %d of %d (%s)", description, start, steps,
                     checkpoint)
     progress = tqdm(
@@ -76,63 +150,45 @@ def train(
         mininterval=0.5 if sys.stderr.isatty() else 30.0, disable=False,
     )
     try:
-        for step in range(start + 1, steps + 1):
-            loss = step_loss(generator)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            if scheduler is not None:
-                scheduler.step()
-            losses.append(float(loss.detach()))
+        for done in range(start + 1, steps + 1):
+            losses.append(step(generator))
             progress.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
             progress.update()
-            if checkpoint is not None and step % checkpoint_every == 0 and step < steps:
-                _save(checkpoint, step, losses, network, optimiser, scheduler, generator)
+            if checkpoint is not None and done % checkpoint_every == 0 and done < steps:
+                _save(checkpoint, done, losses, state, generator)
     finally:
         progress.close()
-    network.eval()
+    state.train(False)
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
     return losses
 
 
 def _save(
-    path: Path,
-    step: int,
-    losses: list[float],
-    network: torch.nn.Module,
-    optimiser: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    path: Path, step: int, losses: list[float], state: TrainingState,
     generator: torch.Generator,
 ) -> None:
     """Write the checkpoint beside its final name, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    state: dict[str, Any] = {
+    content = {
         "step": step,
         "losses": torch.tensor(losses, dtype=torch.float64),
-        "network": network.state_dict(),
-        "optimiser": optimiser.state_dict(),
         "generator": generator.get_state(),
+        **state.state_dict(),
     }
-    if scheduler is not None:
-        state["scheduler"] = scheduler.state_dict()
     with atomic_path(path) as partial:
-        torch.save(state, partial)
+        torch.save(content, partial)
 
 
 def _restore(
-    path: Path,
-    network: torch.nn.Module,
-    optimiser: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-    generator: torch.Generator,
+    path: Path, state: TrainingState, generator: torch.Generator
 ) -> tuple[int, list[float]]:
-    """Load a checkpoint written by :func:`_save` (tensors only: ``weights_only``)."""
-    device = next(network.parameters()).device
-    state = torch.load(path, map_location=device, weights_only=True)
-    network.load_state_dict(state["network"])
-    optimiser.load_state_dict(state["optimiser"])
-    if scheduler is not None and "scheduler" in state:
-        scheduler.load_state_dict(state["scheduler"])
-    generator.set_state(state["generator"].cpu())
-    return int(state["step"]), [float(v) for v in state["losses"]]
+    """Load a checkpoint written by :func:`_save` (tensors only: ``weights_only``).
+
+    Read onto the CPU: ``load_state_dict`` copies weights and optimiser moments onto the
+    devices their modules already live on.
+    """
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    state.load_state_dict(content)
+    generator.set_state(content["generator"])
+    return int(content["step"]), [float(v) for v in content["losses"]]

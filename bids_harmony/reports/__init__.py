@@ -16,6 +16,7 @@ from bids_harmony.reports.group import image_counts, write_group_report
 from bids_harmony.reports.participant import write_participant_pages
 from bids_harmony.reports.tables import plot_histograms, qc_rows, summary
 from bids_harmony.volume import EDGES
+from bids_harmony.workflows.citations import Methods
 from bids_harmony.workflows.group import GroupFit
 
 LOGGER = logging.getLogger("bids_harmony")
@@ -24,9 +25,11 @@ EVALUATION_JSON = "group_evaluation.json"
 __all__ = ["EVALUATION_JSON", "GroupImages", "write_group_outputs"]
 
 
-def write_group_outputs(output_dir: Path, bids_dir: Path, fit: GroupFit) -> Path:
+def write_group_outputs(output_dir: Path, bids_dir: Path, fit: GroupFit,
+                        methods: Methods) -> Path:
     """Write ``group_<suffix>.tsv`` and histograms, ``group_summary.json``, the evaluation,
-    the group page and the participant pages; returns the group report's path."""
+    the group page (ending with the run's ``methods``) and the participant pages; returns
+    the group report's path."""
     start = time.perf_counter()
     harmonizer = fit.harmonizer
     rows = qc_rows(fit.images, fit.volumes, fit.harmonized, harmonizer)
@@ -44,7 +47,7 @@ def write_group_outputs(output_dir: Path, bids_dir: Path, fit: GroupFit) -> Path
     evaluation = evaluate_group(group, harmonizer.name, harmonizer.target_site_,
                                 read_ages(bids_dir / "participants.tsv"))
     write_json(output_dir / EVALUATION_JSON, evaluation)
-    report = write_group_report(output_dir, evaluation)
+    report = write_group_report(output_dir, evaluation, methods)
     edges = [volume.channel(EDGES) > 0 for volume in fit.volumes]
     write_participant_pages(output_dir, group, edges, evaluation["images"])
     LOGGER.info("group report %s written in %.0f s; structure flags: %s", report,

@@ -94,12 +94,15 @@ def read_ages(participants_tsv: Path, column: str = "age") -> dict[str, float]:
 
 def evaluate_group(group: GroupImages, method: str, target_site: str,
                    ages: Mapping[str, float]) -> dict[str, Any]:
-    """Every measure, per sequence, as JSON-ready numbers (plus per-image rows)."""
+    """Every measure, per sequence, as JSON-ready numbers (plus per-image rows: the QC rows
+    with the paired and tissue measures and the structure flag added)."""
     image_rows = [dict(row) for row in group.qc_rows]
     sequences = {}
     for suffix in sorted({im.suffix for im in group.images}):
         indices = [i for i, im in enumerate(group.images) if im.suffix == suffix]
-        sequences[suffix] = _evaluate_sequence(group, indices, target_site, ages, image_rows)
+        sequences[suffix], columns = _evaluate_sequence(group, indices, target_site, ages)
+        for k, index in enumerate(indices):
+            image_rows[index].update(columns[k])
     for row in image_rows:
         row["flag"] = structure_flag(row)
     return {
@@ -112,8 +115,9 @@ def evaluate_group(group: GroupImages, method: str, target_site: str,
 
 
 def _evaluate_sequence(group: GroupImages, indices: Sequence[int], target_site: str,
-                       ages: Mapping[str, float], image_rows: list[dict[str, Any]]
-                       ) -> dict[str, Any]:
+                       ages: Mapping[str, float]
+                       ) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """The sequence's measures, and the columns each of its images adds to its row."""
     images = [group.images[i] for i in indices]
     stages = {
         "before": [group.volumes[i] for i in indices],
@@ -142,14 +146,18 @@ def _evaluate_sequence(group: GroupImages, indices: Sequence[int], target_site: 
     )
     result["site_wasserstein"] = _site_matrices(stages, sites, _wasserstein_by_site)
     result["site_luminance_ssim"] = _site_matrices(stages, sites, _luminance_by_site)
-    result["traveling_subjects"] = _traveling(images, stages, target_site,
-                                              [image_rows[i] for i in indices])
+    columns: list[dict[str, float]] = [{} for _ in indices]
+    result["traveling_subjects"], paired_columns = _traveling(
+        images, stages, target_site, [group.qc_rows[i] for i in indices])
+    for k, values in paired_columns.items():
+        columns[k].update(values)
     if labels:
-        result["tissues"] = _tissues(images, labels, target_site,
-                                     [image_rows[i] for i in indices])
+        result["tissues"], tissue_columns = _tissues(images, labels, target_site)
+        for k, values in enumerate(tissue_columns):
+            columns[k].update(values)
     else:
         result["tissues"] = {"skipped": f"no tissue intensity order known for {suffix}"}
-    return result
+    return result, columns
 
 
 def _segmentations(stages: Mapping[str, Sequence[Volume]], suffix: str
@@ -199,40 +207,44 @@ def _site_matrices(stages: Mapping[str, Sequence[Volume]], sites: Sequence[str],
 
 
 def _traveling(images: Sequence[AnatImage], stages: Mapping[str, Sequence[Volume]],
-               target_site: str, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Paired measures of each source scan vs its subject's target-site scan, per site.
+               target_site: str, qc_rows: Sequence[Mapping[str, Any]]
+               ) -> tuple[dict[str, Any], dict[int, dict[str, float]]]:
+    """Paired measures of each source scan vs its subject's target-site scan, per site, and
+    the columns they add to each paired image's row.
 
     SSIM, PSNR and Pearson come from the group QC rows (``paired_*``); the histogram
-    Wasserstein distance to the target scan's brain intensities is added here.
+    Wasserstein distance to the target scan's brain intensities is computed here.
     """
     target_of = {im.subject: k for k, im in enumerate(images) if im.site == target_site}
     per_site: dict[str, list[dict[str, float]]] = {}
+    columns: dict[int, dict[str, float]] = {}
     for k, image in enumerate(images):
         if image.site == target_site or image.subject not in target_of:
             continue
         source, target = stages["before"][k], stages["before"][target_of[image.subject]]
         harmonized = stages["after"][k].data
-        measures = {key: float(value) for key, value in rows[k].items()
+        measures = {key: float(value) for key, value in qc_rows[k].items()
                     if key.startswith("paired_")}
         measures["paired_wd_before"] = wasserstein(source.brain, target.brain)
         measures["paired_wd_after"] = wasserstein(harmonized[source.mask.astype(bool)],
                                                   target.brain)
-        rows[k].update({"paired_wd_before": measures["paired_wd_before"],
-                        "paired_wd_after": measures["paired_wd_after"]})
+        columns[k] = {"paired_wd_before": measures["paired_wd_before"],
+                      "paired_wd_after": measures["paired_wd_after"]}
         per_site.setdefault(image.site, []).append(measures)
-    return {site: _mean_rows(rows) for site, rows in sorted(per_site.items())}
+    return {site: _mean_rows(rows) for site, rows in sorted(per_site.items())}, columns
 
 
 def _tissues(images: Sequence[AnatImage], labels: Mapping[str, Sequence[np.ndarray]],
-             target_site: str, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Dice and APS of harmonized vs source (every image) and vs the target scan (pairs)."""
+             target_site: str) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """Dice and APS of harmonized vs source (every image) and vs the target scan (pairs),
+    and the columns the vs-source measures add to each image's row."""
     target_of = {im.subject: k for k, im in enumerate(images) if im.site == target_site}
-    vs_source, vs_target = [], []
+    vs_source, vs_target, columns = [], [], []
     for k, image in enumerate(images):
         before, after = labels["before"][k], labels["after"][k]
         measures = {f"dice_{t}": v for t, v in tissue_dice(before, after).items()}
         measures.update({f"aps_{t}": v for t, v in anatomical_preservation(before, after).items()})
-        rows[k].update({f"tissue_{name}_vs_source": value for name, value in measures.items()})
+        columns.append({f"tissue_{name}_vs_source": value for name, value in measures.items()})
         vs_source.append(measures)
         if image.site != target_site and image.subject in target_of:
             reference = labels["before"][target_of[image.subject]]
@@ -245,7 +257,7 @@ def _tissues(images: Sequence[AnatImage], labels: Mapping[str, Sequence[np.ndarr
             vs_target.append(paired)
     return {"method": "3-class k-means of brain intensities (scikit-learn)",
             "vs_source": _mean_rows(vs_source), "vs_target": _mean_rows(vs_target),
-            "n_pairs": len(vs_target)}
+            "n_pairs": len(vs_target)}, columns
 
 
 def _mean_rows(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:

@@ -20,6 +20,7 @@ from bids_harmony.fileio import atomic_write_text, write_tsv
 from bids_harmony.metrics.anatomy import TISSUES
 from bids_harmony.reports.evaluation import STAGES
 from bids_harmony.reports.html import figure, flag_dot, number, page, save_figure, table
+from bids_harmony.workflows.citations import Methods
 
 FIGURES = "figures"
 REPORT_NAME = "group_report.html"
@@ -28,8 +29,10 @@ IMAGE_COLUMNS = ("structural_ssim", "ncc_vs_source", "wd_source_vs_target", "wd_
                  "paired_ssim_before", "paired_ssim_after")
 
 
-def write_group_report(output_dir: Path, evaluation: Mapping[str, Any]) -> Path:
-    """Write the site heatmaps, the classification TSV and the HTML page; returns the page."""
+def write_group_report(output_dir: Path, evaluation: Mapping[str, Any],
+                       methods: Methods) -> Path:
+    """Write the site heatmaps, the classification TSV and the HTML page, which ends with
+    the methods text of ``logs/CITATION.md``; returns the page."""
     (output_dir / FIGURES).mkdir(parents=True, exist_ok=True)
     sections = []
     for suffix, result in evaluation["sequences"].items():
@@ -47,6 +50,7 @@ def write_group_report(output_dir: Path, evaluation: Mapping[str, Any]) -> Path:
         f"<a href=\"{CLASSIFICATION_TSV}\">{CLASSIFICATION_TSV}</a>.</p>",
         *sections,
         _images_section(evaluation),
+        _methods_section(methods),
     ])
     path = output_dir / REPORT_NAME
     atomic_write_text(path, page(f"bids_harmony group report ({evaluation['method']})", body))
@@ -176,6 +180,20 @@ def _images_section(evaluation: Mapping[str, Any]) -> str:
         f"NCC with the source falls below {thresholds['red_below']}, amber below "
         f"{thresholds['amber_below']} (structure not kept: look at the participant page).</p>",
         table(headers, rows, sortable=True, text_columns=4),
+    ])
+
+
+def _methods_section(methods: Methods) -> str:
+    """The run's methods text with its numbered references, ready to cite."""
+    paragraphs = "\n".join(f"<p>{html.escape(text)}</p>" for text in methods.paragraphs)
+    references = "\n".join(f"<li>{html.escape(text)}</li>" for text in methods.references)
+    return "\n".join([
+        "<h2>Methods</h2>",
+        "<p class=\"note\">Text to adapt for a paper's methods section; the same in "
+        "<a href=\"logs/CITATION.md\">logs/CITATION.md</a>.</p>",
+        paragraphs,
+        "<h3>References</h3>",
+        f"<ol>\n{references}\n</ol>",
     ])
 
 

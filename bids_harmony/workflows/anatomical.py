@@ -5,6 +5,7 @@ from __future__ import annotations
 from nipype.interfaces import utility as niu
 from nipype.interfaces.image import Reorient
 from nipype.pipeline import engine as pe
+from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from bids_harmony.data.templates import TemplateFiles
 from bids_harmony.interfaces.brainmask import BrainExtraction
@@ -19,6 +20,8 @@ OUTPUT_FIELDS = [
     "forward_transforms", "inverse_transforms", "inverse_invert_flags",
     "lower_value", "upper_value",
 ]
+#: Brain-intensity percentiles mapped to 0 and 1 (all five papers).
+NORMALIZATION_PERCENTILES = (1.0, 99.0)
 
 
 def init_anat_preproc_wf(
@@ -31,7 +34,7 @@ def init_anat_preproc_wf(
     omp_nthreads: int = 1,
     seed: int = 42,
     name: str = "anat_preproc_wf",
-) -> pe.Workflow:
+) -> Workflow:
     """Reorient -> N4 -> brain extraction -> registration -> normalisation -> Canny edges.
 
     With ``via_reference`` (a T2w or other non-T1 image with a T1w in the same session),
@@ -53,14 +56,10 @@ def init_anat_preproc_wf(
     Inputs: ``in_file``; with ``via_reference`` also ``reference_brain``,
     ``reference_transforms`` and ``reference_inverse`` / ``reference_invert_flags``.
     """
-    workflow = pe.Workflow(name=name)
+    workflow = Workflow(name=name)
     workflow.__desc__ = (
-        "Each image was reoriented to RAS+, corrected for intensity non-uniformity with N4 "
-        "(SimpleITK), brain-extracted with deepbet (or passed through when already "
-        f"skull-stripped), registered to the {template.name} template ({registration}, "
-        "antspyx) and normalised to [0, 1] between the 1st and 99th brain percentiles; a 3D "
-        f"Canny edge map was thresholded per image to keep {edge_ratio:.0%} of brain voxels "
-        "(BlindHarmonyDiff)."
+        _reference_desc() if via_reference else _anatomical_desc(template, registration,
+                                                                 edge_ratio)
     )
     inputnode = pe.Node(
         niu.IdentityInterface(fields=["in_file", "reference_brain", "reference_transforms",
@@ -86,7 +85,9 @@ def init_anat_preproc_wf(
                                          interpolation="linear"), name="warp_brain")
     warp_mask = pe.Node(ApplyTransforms(reference_file=str(template.brain),
                                         interpolation="nearestNeighbor"), name="warp_mask")
-    normalize = pe.Node(PercentileNormalize(lower=1.0, upper=99.0), name="normalize")
+    normalize = pe.Node(PercentileNormalize(lower=NORMALIZATION_PERCENTILES[0],
+                                            upper=NORMALIZATION_PERCENTILES[1]),
+                        name="normalize")
     edges = pe.Node(CannyEdges(edge_ratio=edge_ratio, denominator="mask"), name="edges")
 
     workflow.connect([
@@ -131,6 +132,40 @@ def init_anat_preproc_wf(
         chain.inputs.reference_inverse = []
         chain.inputs.reference_invert_flags = []
     return workflow
+
+
+def _anatomical_desc(template: TemplateFiles, registration: str, edge_ratio: float) -> str:
+    """Methods text of the steps every image goes through, with the tools' citation keys."""
+    source = ("TemplateFlow [@templateflow]" if template.origin == "templateflow"
+              else "the copy shipped with nilearn")
+    papers = " [@fonov2009; @fonov2011]" if template.name.startswith("MNI152NLin2009") else ""
+    model = {"affine": "an affine", "syn": "an affine and then a symmetric diffeomorphic "
+                                          "(SyN)"}.get(registration, f"a {registration}")
+    return (
+        "Each anatomical image was reoriented to RAS+ (nibabel) and corrected for intensity "
+        "non-uniformity with N4 [@n4] as implemented in SimpleITK [@simpleitk]. The brain "
+        "was extracted with deepbet [@deepbet]; images found to be skull-stripped already "
+        "were passed through unchanged. The brain was registered to the brain of the "
+        f"{template.name} template{papers} ({template.resolution} mm, from "
+        f"{source}) with {model} transform (ANTs [@ants] through antspyx [@antspyx], Mattes "
+        "mutual information) and resampled onto the template grid with linear "
+        "interpolation (the brain mask with nearest-neighbour interpolation). Intensities "
+        "inside the brain mask were scaled to [0, 1] between their 1st and 99th "
+        "percentiles. A 3D Canny edge map [@canny] (SimpleITK [@simpleitk]) of the "
+        "normalised image was computed with its threshold searched per image so that edges "
+        f"cover {edge_ratio:.0%} of the brain voxels, the conditioning map of "
+        "BlindHarmonyDiff.\n\n"
+    )
+
+
+def _reference_desc() -> str:
+    """Methods text of a non-T1w image registered through its session's T1w."""
+    return (
+        "Images of other sequences (e.g. T2w) with a T1w image in the same session went "
+        "through the same steps, except that their brain was registered rigidly to the "
+        "session's T1w brain (Mattes mutual information, antspyx [@antspyx]) and carried to "
+        "the template by that T1w's transforms, composed into one resampling step.\n\n"
+    )
 
 
 def _chain_transforms(

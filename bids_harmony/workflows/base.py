@@ -6,24 +6,30 @@ plain keyword arguments.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from nipype.interfaces import utility as niu
-from nipype.pipeline import engine as pe
+from nipype import __version__ as nipype_version
+from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
+from bids_harmony import __version__
 from bids_harmony.bids.layout import AnatImage
 from bids_harmony.bids.paths import REFERENCE_SUFFIX, derivative_path, mask_desc
 from bids_harmony.config import RunConfig
 from bids_harmony.data.templates import TemplateFiles
-from bids_harmony.interfaces.datasink import AtomicDerivativesDataSink
-from bids_harmony.interfaces.harmonize import Harmonize
-from bids_harmony.interfaces.registration import ApplyTransforms
-from bids_harmony.interfaces.transforms import CompositeTransform
-from bids_harmony.workflows.anatomical import init_anat_preproc_wf
-
-LOGGER = logging.getLogger("bids_harmony")
+from bids_harmony.harmonizers.base import read_model_card
+from bids_harmony.workflows.anatomical import (
+    NORMALIZATION_PERCENTILES,
+    init_anat_preproc_wf,
+)
+from bids_harmony.workflows.harmonize import init_harmonize_wf
+from bids_harmony.workflows.outputs import (
+    init_ds_harmonized_wf,
+    init_ds_masks_wf,
+    init_ds_preproc_wf,
+    init_ds_transforms_wf,
+)
 
 
 def expected_outputs(config: RunConfig, image: AnatImage, template: TemplateFiles,
@@ -47,14 +53,25 @@ def init_bids_harmony_wf(
     images: Sequence[AnatImage],
     template: TemplateFiles,
     model_dir: Path | None,
-) -> pe.Workflow:
-    """Build the workflow for ``images``; T2w-like images go through their session's T1w."""
-    workflow = pe.Workflow(name="bids_harmony_wf")
+) -> Workflow:
+    """Build the workflow for ``images``; T2w-like images go through their session's T1w.
+
+    Per image: ``anat_*`` (preprocessing), ``harmonize_*`` when a model is given, and one
+    ``ds_*`` sub-workflow per kind of derivative. ``workflow.visit_desc()`` gives the
+    methods text of all of them, with citation keys.
+    """
+    workflow = Workflow(name="bids_harmony_wf")
     workflow.base_dir = str(config.work_dir)
+    workflow.__desc__ = (
+        f"Results included here come from preprocessing and harmonization performed with "
+        f"bids_harmony {__version__}, whose workflows are built with Nipype {nipype_version} "
+        "[@nipype1; @nipype2] and write BIDS derivatives with niworkflows [@niworkflows].\n\n"
+    )
+    card = read_model_card(model_dir) if model_dir is not None else None
     references = {
         (im.subject, im.session): im for im in images if im.suffix == REFERENCE_SUFFIX
     }
-    branches: dict[str, pe.Workflow] = {}
+    branches: dict[str, Workflow] = {}
     for image in sorted(images, key=lambda im: im.suffix != REFERENCE_SUFFIX):
         reference = references.get((image.subject, image.session))
         via_reference = image.suffix != REFERENCE_SUFFIX and reference is not None
@@ -66,149 +83,120 @@ def init_bids_harmony_wf(
             via_reference=via_reference,
             omp_nthreads=config.omp_nthreads,
             seed=config.seed,
-            name=_branch_name(image),
+            name=_workflow_name("anat", image),
         )
         preproc_wf.inputs.inputnode.in_file = str(image.path)
         if via_reference:
-            ref_wf = branches[reference.key]
-            workflow.connect([(ref_wf, preproc_wf, [
+            workflow.connect([(branches[reference.key], preproc_wf, [
                 ("outputnode.brain", "inputnode.reference_brain"),
                 ("outputnode.forward_transforms", "inputnode.reference_transforms"),
                 ("outputnode.inverse_transforms", "inputnode.reference_inverse"),
                 ("outputnode.inverse_invert_flags", "inputnode.reference_invert_flags"),
             ])])
         branches[image.key] = preproc_wf
-        _connect_derivatives(workflow, preproc_wf, config, image, template, model_dir)
+        _connect_preprocessed_outputs(workflow, preproc_wf, config, image, template)
+    if model_dir is not None and card is not None:  # after all branches: methods text order
+        for image in images:
+            _connect_harmonization(workflow, branches[image.key], config, image, template,
+                                   model_dir, card)
     return workflow
 
 
-def _connect_derivatives(
-    workflow: pe.Workflow,
-    preproc_wf: pe.Workflow,
-    config: RunConfig,
-    image: AnatImage,
-    template: TemplateFiles,
-    model_dir: Path | None,
-) -> None:
-    """Sinks for one image: preproc, mask, edges, transforms, and harmonized outputs."""
-    prefix = preproc_wf.name
-    source = str(image.path)
-    sources = [f"bids:raw:{image.path.relative_to(_bids_root(image)).as_posix()}"]
-    common = {"base_directory": str(config.output_dir), "source_file": source}
-
-    preproc_meta = pe.Node(
-        niu.Function(function=_preproc_metadata, output_names=["meta"]),
-        name=f"{prefix}_preproc_meta", run_without_submitting=True,
+def _connect_preprocessed_outputs(workflow: Workflow, preproc_wf: Workflow, config: RunConfig,
+                                  image: AnatImage, template: TemplateFiles) -> None:
+    """Sinks of one image's preproc image, brain and edge masks, and transforms."""
+    sources = _sources(image)
+    common: dict[str, Any] = {"output_dir": config.output_dir, "source_file": image.path}
+    ds_preproc_wf = init_ds_preproc_wf(
+        **common, space=template.name, suffix=image.suffix,
+        metadata={
+            "Sources": sources, "Site": image.site, "SiteSource": image.site_source,
+            "Template": template.name, "TemplateOrigin": template.origin,
+            "Registration": config.registration.value,
+            "NormalizationPercentiles": list(NORMALIZATION_PERCENTILES),
+        },
+        name=_workflow_name("ds_preproc", image),
     )
-    preproc_meta.inputs.static = {
-        "Sources": sources, "Site": image.site, "SiteSource": image.site_source,
-        "Template": template.name, "TemplateOrigin": template.origin,
-        "Registration": config.registration.value,
-        "NormalizationPercentiles": [1.0, 99.0],
-    }
-    ds_preproc = _sink(f"{prefix}_ds_preproc", space=template.name, desc="preproc",
-                       suffix=image.suffix, **common)
-    ds_mask = _sink(f"{prefix}_ds_mask", space=template.name, desc=mask_desc("brain", image),
-                    suffix="mask",
-                    meta_dict={"Sources": sources, "Type": "Brain"}, **common)
-    edge_meta = pe.Node(niu.Function(function=_edge_metadata, output_names=["meta"]),
-                        name=f"{prefix}_edge_meta", run_without_submitting=True)
-    edge_meta.inputs.sources = sources
-    ds_edges = _sink(f"{prefix}_ds_edges", space=template.name, desc=mask_desc("edges", image),
-                     suffix="mask",
-                     **common)
-    to_h5 = pe.Node(CompositeTransform(), name=f"{prefix}_fwd_xfm")
-    ds_xfm = _sink(f"{prefix}_ds_xfm", suffix="xfm", extension=".h5", mode="image",
-                   to=template.name, meta_dict={"Sources": sources}, **common)
-    setattr(ds_xfm.inputs, "from", image.suffix)
-    to_h5_inv = pe.Node(CompositeTransform(), name=f"{prefix}_inv_xfm")
-    ds_xfm_inv = _sink(f"{prefix}_ds_xfm_inv", suffix="xfm", extension=".h5", mode="image",
-                       meta_dict={"Sources": sources}, **common)
-    setattr(ds_xfm_inv.inputs, "from", template.name)
-    setattr(ds_xfm_inv.inputs, "to", image.suffix)
-
+    ds_masks_wf = init_ds_masks_wf(
+        **common, space=template.name, sources=sources,
+        brain_desc=mask_desc("brain", image), edges_desc=mask_desc("edges", image),
+        name=_workflow_name("ds_masks", image),
+    )
+    ds_transforms_wf = init_ds_transforms_wf(
+        **common, sources=sources, image_space=image.suffix, template_space=template.name,
+        name=_workflow_name("ds_transforms", image),
+    )
     workflow.connect([
-        (preproc_wf, preproc_meta, [("outputnode.lower_value", "lower"),
-                                    ("outputnode.upper_value", "upper"),
-                                    ("outputnode.was_skull_stripped", "was_skull_stripped")]),
-        (preproc_wf, ds_preproc, [("outputnode.preproc", "in_file")]),
-        (preproc_meta, ds_preproc, [("meta", "meta_dict")]),
-        (preproc_wf, ds_mask, [("outputnode.mask", "in_file")]),
-        (preproc_wf, edge_meta, [("outputnode.edge_threshold", "threshold"),
-                                 ("outputnode.edge_ratio", "ratio")]),
-        (preproc_wf, ds_edges, [("outputnode.edges", "in_file")]),
-        (edge_meta, ds_edges, [("meta", "meta_dict")]),
-        (preproc_wf, to_h5, [("outputnode.forward_transforms", "transforms")]),
-        (to_h5, ds_xfm, [("out_file", "in_file")]),
-        (preproc_wf, to_h5_inv, [("outputnode.inverse_transforms", "transforms"),
-                                 ("outputnode.inverse_invert_flags", "invert_flags")]),
-        (to_h5_inv, ds_xfm_inv, [("out_file", "in_file")]),
+        (preproc_wf, ds_preproc_wf, [
+            ("outputnode.preproc", "inputnode.preproc"),
+            ("outputnode.lower_value", "inputnode.lower_value"),
+            ("outputnode.upper_value", "inputnode.upper_value"),
+            ("outputnode.was_skull_stripped", "inputnode.was_skull_stripped"),
+        ]),
+        (preproc_wf, ds_masks_wf, [
+            ("outputnode.mask", "inputnode.mask"),
+            ("outputnode.edges", "inputnode.edges"),
+            ("outputnode.edge_threshold", "inputnode.edge_threshold"),
+            ("outputnode.edge_ratio", "inputnode.edge_ratio"),
+        ]),
+        (preproc_wf, ds_transforms_wf, [
+            ("outputnode.forward_transforms", "inputnode.forward_transforms"),
+            ("outputnode.inverse_transforms", "inputnode.inverse_transforms"),
+            ("outputnode.inverse_invert_flags", "inputnode.inverse_invert_flags"),
+        ]),
     ])
-    if model_dir is None:
-        return
 
-    harmonize = pe.Node(Harmonize(model_dir=str(model_dir), sequence=image.suffix),
-                        name=f"{prefix}_harmonize")
-    harmonized_meta = pe.Node(
-        niu.Function(function=_merge_metadata, output_names=["meta"]),
-        name=f"{prefix}_harmonized_meta", run_without_submitting=True,
+
+def _connect_harmonization(workflow: Workflow, preproc_wf: Workflow, config: RunConfig,
+                           image: AnatImage, template: TemplateFiles, model_dir: Path,
+                           card: dict[str, Any]) -> None:
+    """Harmonize one image and write it in template space (and on its native grid)."""
+    harmonize_wf = init_harmonize_wf(
+        model_dir=model_dir, method=card["method"], target_site=card["target_site"],
+        sequence=image.suffix,
+        metadata={"Sources": _sources(image), "Site": image.site, "Template": template.name,
+                  "SkullStripped": True},
+        native_reference=image.path if config.native_output else None,
+        name=_workflow_name("harmonize", image),
     )
-    harmonized_meta.inputs.static = {"Sources": sources, "Site": image.site,
-                                     "Template": template.name, "SkullStripped": True}
-    ds_harmonized = _sink(f"{prefix}_ds_harmonized", space=template.name, desc="harmonized",
-                          suffix=image.suffix, **common)
+    ds_harmonized_wf = init_ds_harmonized_wf(
+        output_dir=config.output_dir, source_file=image.path, space=template.name,
+        suffix=image.suffix, name=_workflow_name("ds_harmonized", image),
+    )
     workflow.connect([
-        (preproc_wf, harmonize, [("outputnode.preproc", "in_file"),
-                                 ("outputnode.mask", "mask_file"),
-                                 ("outputnode.edges", "edges_file")]),
-        (harmonize, harmonized_meta, [("metadata", "dynamic")]),
-        (harmonize, ds_harmonized, [("out_file", "in_file")]),
-        (harmonized_meta, ds_harmonized, [("meta", "meta_dict")]),
+        (preproc_wf, harmonize_wf, [
+            ("outputnode.preproc", "inputnode.preproc"),
+            ("outputnode.mask", "inputnode.mask"),
+            ("outputnode.edges", "inputnode.edges"),
+            ("outputnode.inverse_transforms", "inputnode.inverse_transforms"),
+            ("outputnode.inverse_invert_flags", "inputnode.inverse_invert_flags"),
+        ]),
+        (harmonize_wf, ds_harmonized_wf, [
+            ("outputnode.harmonized", "inputnode.harmonized"),
+            ("outputnode.metadata", "inputnode.metadata"),
+        ]),
     ])
     if config.native_output:
-        to_native = pe.Node(ApplyTransforms(reference_file=source, interpolation="linear"),
-                            name=f"{prefix}_to_native")
-        ds_native = _sink(f"{prefix}_ds_native", desc="harmonized", suffix=image.suffix,
-                          **common)
-        workflow.connect([
-            (harmonize, to_native, [("out_file", "in_file")]),
-            (preproc_wf, to_native, [("outputnode.inverse_transforms", "transforms"),
-                                     ("outputnode.inverse_invert_flags", "invert_flags")]),
-            (to_native, ds_native, [("out_file", "in_file")]),
-            (harmonized_meta, ds_native, [("meta", "meta_dict")]),
-        ])
+        ds_native_wf = init_ds_harmonized_wf(
+            output_dir=config.output_dir, source_file=image.path, space=None,
+            suffix=image.suffix, name=_workflow_name("ds_native", image),
+        )
+        workflow.connect([(harmonize_wf, ds_native_wf, [
+            ("outputnode.native", "inputnode.harmonized"),
+            ("outputnode.metadata", "inputnode.metadata"),
+        ])])
 
 
-def _sink(name: str, **inputs: object) -> pe.Node:
-    """A derivatives sink node that always runs (cheap), so moved outputs are rewritten."""
-    return pe.Node(AtomicDerivativesDataSink(**inputs), name=name, run_without_submitting=True,
-                   overwrite=True)
+def _workflow_name(kind: str, image: AnatImage) -> str:
+    """``<kind>_<image key>`` with only the characters Nipype accepts in a name."""
+    return f"{kind}_" + "".join(c if c.isalnum() else "_" for c in image.key)
 
 
-def _branch_name(image: AnatImage) -> str:
-    return "anat_" + "".join(c if c.isalnum() else "_" for c in image.key)
+def _sources(image: AnatImage) -> list[str]:
+    """The BIDS URI of the raw image, the ``Sources`` of every derivative."""
+    return [f"bids:raw:{image.path.relative_to(_bids_root(image)).as_posix()}"]
 
 
 def _bids_root(image: AnatImage) -> Path:
     """The dataset root: the parent of the ``sub-*`` folder."""
     return next(p.parent for p in image.path.parents if p.name == f"sub-{image.subject}")
-
-
-def _preproc_metadata(static: dict, lower: float, upper: float,
-                      was_skull_stripped: bool) -> dict:
-    meta = dict(static)
-    meta["NormalizationValues"] = [float(lower), float(upper)]
-    meta["SkullStripped"] = True  # the derivative is brain-only whatever the input was
-    meta["InputSkullStripped"] = bool(was_skull_stripped)
-    return meta
-
-
-def _edge_metadata(sources: list, threshold: float, ratio: float) -> dict:
-    return {"Sources": sources, "Type": "ROI",
-            "Description": "3D Canny edge map of the preprocessed image (1 = edge voxel)",
-            "EdgeThreshold": float(threshold),
-            "EdgeRatio": float(ratio), "Method": "3D Canny (SimpleITK), per-image threshold"}
-
-
-def _merge_metadata(static: dict, dynamic: dict) -> dict:
-    return {**static, **dynamic}

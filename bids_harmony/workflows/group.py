@@ -17,7 +17,7 @@ from bids_harmony.bids.layout import AnatImage
 from bids_harmony.bids.paths import preprocessed_paths
 from bids_harmony.config import RunConfig
 from bids_harmony.data.templates import TemplateFiles
-from bids_harmony.harmonizers import HARMONIZERS, Harmonizer
+from bids_harmony.harmonizers import Harmonizer, from_options
 from bids_harmony.volume import EDGES, Volume, load_volume
 
 LOGGER = logging.getLogger("bids_harmony")
@@ -41,14 +41,14 @@ def load_preprocessed(config: RunConfig, image: AnatImage, template: TemplateFil
 
 
 def build_harmonizer(config: RunConfig) -> Harmonizer:
-    """A fresh ``--method`` harmonizer; learned ones get ``--preset``, ``--device``, ``--seed``
-    and keep resumable training checkpoints in the work directory."""
-    harmonizer_class = HARMONIZERS[config.method]
-    if not harmonizer_class.presets:
-        return harmonizer_class()
-    harmonizer = harmonizer_class(preset=config.preset, device=config.device, seed=config.seed)
-    harmonizer.checkpoint_dir = config.work_dir / "checkpoints" / config.method
-    return harmonizer
+    """A fresh ``--method`` harmonizer with its ``--harmonizer-param`` values; learned ones
+    also get ``--preset``, ``--device``, ``--seed`` and keep resumable training checkpoints
+    in the work directory."""
+    return from_options(
+        config.method, preset=config.preset, device=config.device, seed=config.seed,
+        checkpoint_dir=config.work_dir / "checkpoints" / config.method,
+        params=dict(config.harmonizer_params),
+    )
 
 
 def fit_group(config: RunConfig, images: Sequence[AnatImage], template: TemplateFiles) -> GroupFit:
