@@ -33,7 +33,7 @@ import nibabel as nib
 import numpy as np
 
 from bids_harmony.data.templates import resolve_template
-from bids_harmony.fileio import atomic_write_text
+from bids_harmony.fileio import atomic_path, atomic_write_text
 from bids_harmony.harmonizers.blindharmonydiff import with_edges
 from bids_harmony.imaging.edges import canny_edges_at_ratio
 from bids_harmony.interfaces.canny import CannyEdges
@@ -65,11 +65,31 @@ def compare(name: str, data: np.ndarray, mask: np.ndarray, affine: np.ndarray, r
     computed = with_edges(Volume(normalised, mask, spacing), ratio).channel(EDGES)
     given = with_edges(Volume(normalised, mask, spacing, {EDGES: pipeline}), ratio)
     return {
+        "maps": (pipeline > 0, old > 0),
         "image": name, "grid": "x".join(map(str, data.shape)),
         "spacing": "x".join(f"{s:g}" for s in spacing),
         "old": dice(old, pipeline), "computed": dice(computed, pipeline),
         "given": dice(given.channel(EDGES), pipeline),
     }
+
+
+def plot_maps(path: Path, pipeline: np.ndarray, old: np.ndarray, title: str) -> None:
+    """The middle axial slice: the pipeline's map, the old conditioning map, where they differ."""
+    from matplotlib.figure import Figure
+
+    k = pipeline.shape[2] // 2
+    panels = (("pipeline desc-edges (used now)", pipeline[:, :, k]),
+              ("old conditioning map (no spacing)", old[:, :, k]),
+              ("disagreement", pipeline[:, :, k] ^ old[:, :, k]))
+    figure = Figure(figsize=(10, 4))
+    for axis, (label, image) in zip(figure.subplots(1, 3), panels):
+        axis.imshow(image.T, origin="lower", cmap="gray", interpolation="nearest")
+        axis.set_title(label, fontsize=9)
+        axis.axis("off")
+    figure.suptitle(title)
+    figure.tight_layout()
+    with atomic_path(path) as partial:
+        figure.savefig(partial, dpi=100, format="png")
 
 
 def mni_brain(work: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -130,6 +150,11 @@ def main() -> None:
         lines += ["", f"IXI ({len(old)} heads, brain = DLMUSE labels > 0, native 2 mm grid): "
                       f"before {np.mean(old):.4f} mean, {np.min(old):.4f} min."]
     args.out.mkdir(parents=True, exist_ok=True)
+    mni = rows[0]
+    plot_maps(args.out / "bhd_edge_map.png", *mni["maps"],
+              f"MNI152 2 mm, middle axial slice: Dice {mni['old']:.3f} before, "
+              f"{mni['given']:.3f} after")
+    lines += ["", "![middle axial slice of the MNI152 maps](bhd_edge_map.png)"]
     atomic_write_text(args.out / "bhd_edge_map.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

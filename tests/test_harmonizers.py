@@ -21,6 +21,7 @@ from bids_harmony.harmonizers import HARMONIZERS, Harmonizer
 from bids_harmony.harmonizers.base import (
     REFERENCE_QUANTILES,
     FittedState,
+    TrainingSet,
     resolve_target_site,
 )
 from bids_harmony.volume import Volume
@@ -270,7 +271,8 @@ class SharedSpread(Harmonizer):
 
     name = "shared_spread"
 
-    def _fit_sequences(self, references: Mapping[str, Sequence[Volume]]) -> FittedState:
+    def _fit_sequences(self, training: TrainingSet) -> FittedState:
+        references = training.references
         every_brain = np.concatenate([im.brain for ims in references.values() for im in ims])
         return FittedState(
             sequences={sequence: {"mean": np.asarray(np.mean([im.brain.mean() for im in ims]))}
@@ -311,9 +313,33 @@ def test_joint_fit_shares_arrays_and_saves_them_once(training, tmp_path: Path) -
 
 def test_joint_fit_rejects_a_name_both_shared_and_per_sequence(training) -> None:
     class Clashing(SharedSpread):
-        def _fit_sequences(self, references: Mapping[str, Sequence[Volume]]) -> FittedState:
-            fitted = super()._fit_sequences(references)
+        def _fit_sequences(self, training: TrainingSet) -> FittedState:
+            fitted = super()._fit_sequences(training)
             return FittedState(fitted.sequences, {"mean": np.zeros(1)})
 
     with pytest.raises(ValueError, match="'mean'"):
         Clashing().fit(*training, target=TARGET)
+
+
+def test_joint_fit_sees_every_site_and_the_target_references(training) -> None:
+    """Multi-site methods (SGCD, UMH) learn from every site: the hook gets all images with
+    their sites per sequence, and the target references apart."""
+    seen: list[TrainingSet] = []
+
+    class Recording(SharedSpread):
+        def _fit_sequences(self, training_set: TrainingSet) -> FittedState:
+            seen.append(training_set)
+            return super()._fit_sequences(training_set)
+
+    images, sites, sequences = training
+    Recording().fit(images, sites, sequences, target=TARGET)
+    (training_set,) = seen
+    assert training_set.target_site == TARGET
+    for sequence in SEQUENCES:
+        expected = [im for im, s in zip(images, sequences) if s == sequence]
+        assert [id(im) for im in training_set.images[sequence]] == [id(im) for im in expected]
+        assert training_set.sites[sequence] == [
+            site for site, s in zip(sites, sequences) if s == sequence]
+        assert [id(im) for im in training_set.references[sequence]] == [
+            id(im) for im, site, s in zip(images, sites, sequences)
+            if s == sequence and site == TARGET]

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 
 from bids_harmony.bids.layout import (
+    AnatImage,
     build_layout,
     collect_images,
     sanitize_label,
     site_table,
+    traveling_pairs,
     traveling_subjects,
 )
 from bids_harmony.data.templates import BUNDLED_TEMPLATE, resolve_template
@@ -115,3 +117,18 @@ def test_bundled_template_is_named_honestly(tmp_path: Path) -> None:
 def test_unavailable_template_gives_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(TemplateNotFoundError, match="--template MNI152NLin2009aSym"):
         resolve_template("MNI305", 1, tmp_path, allow_download=False)
+
+
+def test_traveling_pairs_match_subject_and_sequence_at_the_target() -> None:
+    def image(subject: str, session: str, suffix: str, site: str) -> AnatImage:
+        return AnatImage(Path(f"sub-{subject}_ses-{session}_{suffix}.nii.gz"), subject,
+                         session, suffix, site, "sessions.tsv")
+
+    images = [
+        image("01", "1", "T1w", "A"), image("01", "2", "T1w", "B"),
+        image("01", "2", "T2w", "B"),  # no T2w of sub-01 at A: unpaired
+        image("02", "1", "T1w", "B"),  # sub-02 never at A: unpaired
+        image("03", "1", "T1w", "A"), image("03", "2", "T1w", "C"),
+    ]
+    assert traveling_pairs(images, "A") == {1: 0, 5: 4}
+    assert traveling_pairs(images, "B") == {0: 1}

@@ -204,6 +204,17 @@ def traveling_subjects(images: Iterable[AnatImage]) -> dict[str, list[str]]:
     return {subject: sorted(s) for subject, s in sorted(sites.items()) if len(s) > 1}
 
 
+def traveling_pairs(images: Sequence[AnatImage], target_site: str) -> dict[int, int]:
+    """Index of each source-site image -> index of the same subject's target-site image of
+    the same sequence: the traveling-subject pairs every paired measure compares."""
+    target_of = {(im.subject, im.suffix): k for k, im in enumerate(images)
+                 if im.site == target_site}
+    return {
+        k: target_of[(im.subject, im.suffix)] for k, im in enumerate(images)
+        if im.site != target_site and (im.subject, im.suffix) in target_of
+    }
+
+
 def site_table(images: Sequence[AnatImage]) -> list[dict[str, Any]]:
     """Rows of site x sequence x count, with how each site was found."""
     counts = Counter((im.site, im.suffix) for im in images)

@@ -41,6 +41,18 @@ SHARED = "_shared"
 
 
 @dataclass(frozen=True)
+class TrainingSet:
+    """What a fit may learn from, by sequence: the target site's reference images and every
+    image with its site. Blind methods learn from ``references`` only; multi-site methods
+    (SGCD, UMH: a first stage on all sites) also need ``images`` and ``sites``."""
+
+    target_site: str
+    references: Mapping[str, Sequence[Volume]]
+    images: Mapping[str, Sequence[Volume]]
+    sites: Mapping[str, Sequence[str]]
+
+
+@dataclass(frozen=True)
 class FittedState:
     """What ``_fit_sequences`` learned: arrays per sequence and arrays shared by all of them."""
 
@@ -96,7 +108,13 @@ class Harmonizer(ABC):
                     f"target site '{target_site}' has no {sequence} image to learn from; "
                     "choose another --target-site or drop that --suffix"
                 )
-        fitted = self._fit_sequences(references)
+        fitted = self._fit_sequences(TrainingSet(
+            target_site=target_site,
+            references=references,
+            images={seq: [im for im, s in zip(images, sequences) if s == seq] for seq in references},
+            sites={seq: [site for site, s in zip(sites, sequences) if s == seq]
+                   for seq in references},
+        ))
         per_sequence = {sequence: dict(arrays) for sequence, arrays in fitted.sequences.items()}
         for sequence, reference in references.items():
             per_sequence.setdefault(sequence, {})[REFERENCE_QUANTILES] = np.quantile(
@@ -206,13 +224,14 @@ class Harmonizer(ABC):
         """Add method-specific entries to the card (and files to ``staging``) before saving."""
 
     # -- to implement ----------------------------------------------------------------------
-    def _fit_sequences(self, references: Mapping[str, Sequence[Volume]]) -> FittedState:
-        """Fit every sequence from its target reference images. Fits each on its own; a
-        method whose weights serve several sequences overrides this and returns them in
-        ``FittedState.shared``."""
-        return FittedState(
-            {sequence: self._fit_sequence(reference) for sequence, reference in references.items()}
-        )
+    def _fit_sequences(self, training: TrainingSet) -> FittedState:
+        """Fit every sequence at once. The default fits each on its own from its target
+        reference images; a method whose weights serve several sequences (or that learns
+        from every site) overrides this and returns shared weights in ``FittedState.shared``."""
+        return FittedState({
+            sequence: self._fit_sequence(reference)
+            for sequence, reference in training.references.items()
+        })
 
     def _fit_sequence(self, reference: Sequence[Volume]) -> dict[str, np.ndarray]:
         """Return the fitted arrays of one sequence."""

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from bids_harmony import __version__
-from bids_harmony.bids.layout import AnatImage
+from bids_harmony.bids.layout import AnatImage, traveling_pairs
 from bids_harmony.errors import DataError
 from bids_harmony.volume import Volume
 from bids_harmony.metrics.anatomy import (
@@ -215,13 +215,11 @@ def _traveling(images: Sequence[AnatImage], stages: Mapping[str, Sequence[Volume
     SSIM, PSNR and Pearson come from the group QC rows (``paired_*``); the histogram
     Wasserstein distance to the target scan's brain intensities is computed here.
     """
-    target_of = {im.subject: k for k, im in enumerate(images) if im.site == target_site}
     per_site: dict[str, list[dict[str, float]]] = {}
     columns: dict[int, dict[str, float]] = {}
-    for k, image in enumerate(images):
-        if image.site == target_site or image.subject not in target_of:
-            continue
-        source, target = stages["before"][k], stages["before"][target_of[image.subject]]
+    for k, paired in traveling_pairs(images, target_site).items():
+        image = images[k]
+        source, target = stages["before"][k], stages["before"][paired]
         harmonized = stages["after"][k].data
         measures = {key: float(value) for key, value in qc_rows[k].items()
                     if key.startswith("paired_")}
@@ -238,16 +236,16 @@ def _tissues(images: Sequence[AnatImage], labels: Mapping[str, Sequence[np.ndarr
              target_site: str) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Dice and APS of harmonized vs source (every image) and vs the target scan (pairs),
     and the columns the vs-source measures add to each image's row."""
-    target_of = {im.subject: k for k, im in enumerate(images) if im.site == target_site}
+    pairs = traveling_pairs(images, target_site)
     vs_source, vs_target, columns = [], [], []
-    for k, image in enumerate(images):
+    for k in range(len(images)):
         before, after = labels["before"][k], labels["after"][k]
         measures = {f"dice_{t}": v for t, v in tissue_dice(before, after).items()}
         measures.update({f"aps_{t}": v for t, v in anatomical_preservation(before, after).items()})
         columns.append({f"tissue_{name}_vs_source": value for name, value in measures.items()})
         vs_source.append(measures)
-        if image.site != target_site and image.subject in target_of:
-            reference = labels["before"][target_of[image.subject]]
+        if k in pairs:
+            reference = labels["before"][pairs[k]]
             paired: dict[str, float] = {}
             for stage, seg in (("before", before), ("after", after)):
                 paired.update({f"dice_{t}_{stage}": v

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from bids_harmony.bids.layout import AnatImage
+from bids_harmony.bids.layout import AnatImage, traveling_pairs
 from bids_harmony.harmonizers import Harmonizer
 from bids_harmony.metrics import harmonization_qc
 from bids_harmony.metrics.similarity import pearson, psnr, ssim
@@ -17,28 +17,22 @@ from bids_harmony.reports.html import save_figure
 from bids_harmony.volume import Volume
 
 
-def target_scans(images: Sequence[AnatImage], target_site: str) -> dict[tuple[str, str], int]:
-    """Index of each subject's target-site image per sequence: the traveling-subject pairs."""
-    return {(im.subject, im.suffix): k for k, im in enumerate(images) if im.site == target_site}
-
-
 def qc_rows(images: Sequence[AnatImage], volumes: Sequence[Volume],
             harmonized: Sequence[np.ndarray], harmonizer: Harmonizer) -> list[dict[str, Any]]:
     """One row per image: identity, per-image QC and, for a traveling subject's source-site
     image, the paired metrics against its target-site image."""
     target = harmonizer.target_site_
-    pairs = target_scans(images, target)
+    pairs = traveling_pairs(images, target)
     rows = []
-    for image, volume, output in zip(images, volumes, harmonized):
+    for index, (image, volume, output) in enumerate(zip(images, volumes, harmonized)):
         row: dict[str, Any] = {
             "image": image.key, "subject": image.subject, "session": image.session or "n/a",
             "site": image.site, "suffix": image.suffix, "is_target": image.site == target,
         }
         row.update(harmonization_qc(volume, output,
                                     harmonizer.reference_quantiles(image.suffix)))
-        paired = pairs.get((image.subject, image.suffix))
-        if paired is not None and image.site != target:
-            row.update(paired_metrics(volume, output, volumes[paired]))
+        if index in pairs:
+            row.update(paired_metrics(volume, output, volumes[pairs[index]]))
         rows.append(row)
     return rows
 
