@@ -29,7 +29,7 @@ from bids_harmony.harmonizers.learned import (
     network_state,
     resolve_settings,
 )
-from bids_harmony.imaging.edges import canny_edges_at_ratio
+from bids_harmony.imaging.edges import PIPELINE_DENOMINATOR, canny_edges_at_ratio
 from bids_harmony.nn import VelocityUNet, checkpoint_path, fingerprint, train
 from bids_harmony.nn.device import resolve_device, validate_device
 from bids_harmony.nn.guidance import masked_ncc_ascent_step
@@ -301,7 +301,8 @@ def pipeline_edge_map(image: Volume, edge_ratio: float) -> np.ndarray:
     without which the smoothing kernel and so the map differ on any grid but 1 mm.
     """
     edges, _ = canny_edges_at_ratio(
-        image.data, edge_ratio, spacing=image.spacing, mask=image.mask, denominator="mask"
+        image.data, edge_ratio, spacing=image.spacing, mask=image.mask,
+        denominator=PIPELINE_DENOMINATOR,
     )
     return edges
 

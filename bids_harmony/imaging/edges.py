@@ -14,6 +14,10 @@ import SimpleITK as sitk
 #: Hysteresis lower threshold as a fraction of the upper one (paper-silent; 0.5 is the usual
 #: Canny ratio: weak edges survive only when connected to an edge twice as strong).
 LOWER_TO_UPPER = 0.5
+#: What the pipeline counts its edge ratio over: the brain mask, not the whole field of view
+#: (8 % of the whole volume cannot be reached on a brain-only template grid). The Canny step
+#: of the workflow and BlindHarmonyDiff's own fallback both read it here.
+PIPELINE_DENOMINATOR = "mask"
 
 
 def _smoothed_image(data: np.ndarray, spacing: Sequence[float], variance: float) -> sitk.Image:

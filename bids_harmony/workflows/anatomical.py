@@ -8,6 +8,7 @@ from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from bids_harmony.data.templates import TemplateFiles
+from bids_harmony.imaging.edges import PIPELINE_DENOMINATOR
 from bids_harmony.interfaces.brainmask import BrainExtraction
 from bids_harmony.interfaces.canny import CannyEdges
 from bids_harmony.interfaces.n4 import N4BiasCorrection
@@ -88,7 +89,7 @@ def init_anat_preproc_wf(
     normalize = pe.Node(PercentileNormalize(lower=NORMALIZATION_PERCENTILES[0],
                                             upper=NORMALIZATION_PERCENTILES[1]),
                         name="normalize")
-    edges = pe.Node(CannyEdges(edge_ratio=edge_ratio, denominator="mask"), name="edges")
+    edges = pe.Node(CannyEdges(edge_ratio=edge_ratio, denominator=PIPELINE_DENOMINATOR), name="edges")
 
     workflow.connect([
         (inputnode, reorient, [("in_file", "in_file")]),
