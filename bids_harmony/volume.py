@@ -66,10 +66,6 @@ class Volume:
             )
         return self.channels[name]
 
-    def with_data(self, data: np.ndarray) -> Volume:
-        """The same brain, mask, spacing and channels with other intensities."""
-        return Volume(np.asarray(data, dtype=np.float32), self.mask, self.spacing, self.channels)
-
 
 def load_volume(
     data_path: str | os.PathLike[str],

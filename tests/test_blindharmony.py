@@ -262,3 +262,5 @@ def test_brain_box_grows_to_multiples_inside_the_grid() -> None:
     assert BrainBox.from_state(box.to_state()) == box
     with pytest.raises(DataError, match="empty"):
         BrainBox.around([np.zeros((4, 4, 4), bool)], [2, 2, 2])
+    with pytest.raises(DataError, match="same --resolution"):
+        BrainBox.around([mask, np.ones((10, 10, 3), bool)], [8, 8, 8])

@@ -138,7 +138,6 @@ class BlindHarmony(LearnedHarmonizer):
     # -- contract --------------------------------------------------------------------------
     def _fit_sequence(self, reference: Sequence[Volume]) -> dict[str, np.ndarray]:
         settings = self.settings
-        _check_same_grid(reference)
         box = BrainBox.around([im.mask for im in reference], box_multiples(settings))
         slices = training_slices([box.crop(im) for im in reference], settings)
         run = self._run_name(slices)
@@ -156,21 +155,15 @@ class BlindHarmony(LearnedHarmonizer):
 
     def _transform_sequence(self, image: Volume, state: dict[str, np.ndarray]) -> np.ndarray:
         settings = self.settings
-        mean_image = state[MEAN_IMAGE]
-        if image.data.shape != mean_image.shape:
-            raise DataError(
-                f"image grid {image.data.shape} differs from the grid the blindharmony model "
-                f"was trained on {mean_image.shape}; use the same --resolution as the group run"
-            )
         box = BrainBox.from_state(state)
-        image = box.crop(image)
+        image = box.crop(image)  # refuses an image on another grid
         height, width = padded_slice_shape(image.data.shape, settings)
         flow = build_spline_flow(settings.architecture, height, width, settings.seed)
         flow.load_state_dict({k: torch.from_numpy(v) for k, v in network_state(state).items()})
         device = resolve_device(settings.device)
         flow.to(device).eval()
         return box.uncrop(
-            harmonize_volume(flow, image, mean_image[box.index], settings, device)
+            harmonize_volume(flow, image, state[MEAN_IMAGE][box.index], settings, device)
         )
 
     def _run_name(self, slices: torch.Tensor) -> str:
@@ -204,15 +197,6 @@ def _validate(settings: PriorSettings) -> None:
         if not 0.0 <= getattr(settings, name) < 1.0:
             raise UsageError(f"{name} must lie in [0, 1), got {getattr(settings, name)}")
     validate_device(settings.device)
-
-
-def _check_same_grid(volumes: Sequence[Volume]) -> None:
-    shapes = {im.data.shape for im in volumes}
-    if len(shapes) > 1:
-        raise DataError(
-            f"blindharmony needs every target image on one template grid, got {sorted(shapes)}; "
-            "preprocess them with the same --resolution"
-        )
 
 
 # -- slices --------------------------------------------------------------------------------

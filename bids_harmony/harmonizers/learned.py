@@ -88,6 +88,12 @@ class BrainBox:
 
     @classmethod
     def around(cls, masks: Sequence[np.ndarray], multiples: Sequence[int]) -> BrainBox:
+        shapes = {np.shape(mask) for mask in masks}
+        if len(shapes) > 1:
+            raise DataError(
+                f"the training images lie on different template grids {sorted(shapes)}; "
+                "preprocess them all with the same --resolution"
+            )
         union = np.logical_or.reduce([np.asarray(mask, dtype=bool) for mask in masks])
         if not union.any():
             raise DataError("the training brain masks are empty; check the brain extraction")

@@ -169,7 +169,6 @@ def _save(
     generator: torch.Generator,
 ) -> None:
     """Write the checkpoint beside its final name, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     content = {
         "step": step,
         "losses": torch.tensor(losses, dtype=torch.float64),

@@ -76,7 +76,7 @@ def harmonization_desc(method: str, target_site: str, *, native: bool = False,
     if method not in HARMONIZERS:
         raise DataError(f"the model names the method '{method}', which this version of "
                         f"bids_harmony does not know; known: {', '.join(HARMONIZERS)}")
-    cite = f" [@{method}]" if HARMONIZERS[method].citation else ""
+    cite = f" [@{method}]" if HARMONIZERS.methods[method].citation else ""
     target = ("a unified reference domain" if target_site == "unified"
               else f"the style of site {target_site}")
     text = (f"Preprocessed images were harmonized toward {target} with {method}{cite}, "
