@@ -136,6 +136,21 @@ def test_algorithm_raises_ncc_with_the_source(fitted: BlindHarmony) -> None:
         assert after > before + 0.02
 
 
+def test_diagnostics_score_a_held_out_image_and_judge_the_flow(fitted: BlindHarmony) -> None:
+    diagnostics = fitted.diagnostics()["T1w"]
+    assert diagnostics["scored_on"] == "held-out"  # 3 target images: 2 train, 1 scores
+    assert [r["step"] for r in diagnostics["history"]] == [20, 40]
+    final = diagnostics["history"][-1]
+    assert set(final) == {"step", "bits_target", "bits_shifted", "gamma_psnr_flow",
+                          "gamma_psnr_no_flow"}
+    assert all(np.isfinite(value) for value in final.values())
+    assert diagnostics["history"][-1]["bits_target"] < diagnostics["history"][0]["bits_target"]
+    flow_adds = final["gamma_psnr_flow"] > final["gamma_psnr_no_flow"]
+    separates = final["bits_shifted"] - final["bits_target"] >= 0.05
+    assert diagnostics["learned"] == (flow_adds and separates)
+    assert len(diagnostics["warnings"]) == (not flow_adds) + (not separates)
+
+
 def test_loss_falls_with_a_fixed_seed(fitted: BlindHarmony) -> None:
     losses = fitted.state_["T1w"]["loss_history"]
     assert losses.shape == (TINY.steps,)
@@ -157,7 +172,7 @@ def test_save_load_round_trip_is_exact(fitted: BlindHarmony, tmp_path: Path) -> 
     directory = fitted.save(tmp_path / "model")
     card = json.loads((directory / "model_card.json").read_text())
     assert card["state_file"] == WEIGHTS_FILE
-    assert card["parameters"]["beta_ncc"] == 1000.0 and card["parameters"]["iterations"] == 10
+    assert card["parameters"]["ncc_step"] == 0.15 and card["parameters"]["iterations"] == 10
     assert len(card["loss_curve"]["T1w"]["loss"]) == TINY.steps
     assert (directory / "loss_T1w.png").stat().st_size > 1000
     loaded = BlindHarmony.load(directory)
@@ -242,7 +257,7 @@ def test_other_grid_raises(fitted: BlindHarmony) -> None:
 
 @pytest.mark.parametrize(
     "params",
-    [{"preset": "huge"}, {"levels": 0}, {"alpha": 1.0}, {"beta_ncc": -1.0},
+    [{"preset": "huge"}, {"levels": 0}, {"alpha": 1.0}, {"ncc_step": -1.0}, {"ncc_form": "sum"},
      {"slice_axis": 3}, {"edge_fraction": 1.5}, {"device": "tpu"}, {"warmup": 3}],
 )
 def test_invalid_parameters_raise_usage_error(params: dict) -> None:

@@ -22,16 +22,20 @@ from bids_harmony.harmonizers.blindharmonydiff import (
     build_network,
     conditioning_channels,
     extract_patch,
+    machine_preset,
+    own_edge_scores,
     pipeline_edge_map,
+    random_flip,
     sample_and_refine,
     sample_patch,
     whole_volume_coordinates,
     with_edges,
 )
 from bids_harmony.harmonizers.learned import NETWORK_PREFIX, WEIGHTS_FILE, BrainBox
-from bids_harmony.imaging.edges import canny_edges_at_ratio
+from bids_harmony.imaging.edges import PIPELINE_DENOMINATOR, canny_edges_at_ratio
 from bids_harmony.metrics import ncc
 from bids_harmony.nn.guidance import masked_ncc_ascent_step, pearson_ncc_gradient
+from bids_harmony.nn.rectified_flow import integrate
 from bids_harmony.volume import EDGES, Volume
 
 BRAIN = (32, 32, 24)
@@ -310,10 +314,69 @@ def test_computed_edge_map_equals_the_pipeline_canny_step(tmp_path: Path) -> Non
     nib.Nifti1Image(image.mask.astype(np.uint8), affine).to_filename(tmp_path / "mask.nii.gz")
     node = CannyEdges(in_file=str(tmp_path / "preproc.nii.gz"),
                       mask_file=str(tmp_path / "mask.nii.gz"), edge_ratio=0.08,
-                      denominator="mask")
+                      denominator=PIPELINE_DENOMINATOR)
     result = node.run(cwd=str(tmp_path))
     written = np.asarray(nib.load(result.outputs.out_file).dataobj)
     np.testing.assert_array_equal(with_edges(two_mm, 0.08).channel(EDGES), written)
     without_spacing, _ = canny_edges_at_ratio(image.data, 0.08, mask=image.mask,
-                                              denominator="mask")
+                                              denominator=PIPELINE_DENOMINATOR)
     assert not np.array_equal(without_spacing, written)  # the map the old code conditioned on
+
+
+def test_a_few_hundred_tiny_steps_reconstruct_from_own_edges_better_than_untrained() -> None:
+    images = [phantom(s) for s in range(3)]  # the last is held out for the diagnostics
+    model = BlindHarmonyDiff(preset="tiny", steps=300, monitor_every=100).fit(
+        images, ["a"] * 3, ["T1w"] * 3, target="a"
+    )
+    diagnostics = model.diagnostics()["T1w"]
+    assert diagnostics["scored_on"] == "held-out"
+    assert [record["step"] for record in diagnostics["history"]] == [100, 200, 300]
+    settings = model.settings
+    box = BrainBox.from_state(model.state_["T1w"])
+    held_out = box.crop(with_edges(images[-1], settings.edge_ratio))
+    untrained = own_edge_scores(build_network(settings), [held_out], settings,
+                                torch.device("cpu"))
+    final = diagnostics["history"][-1]
+    assert final["own_edge_psnr"] > untrained["own_edge_psnr"] + 3.0
+    assert final["own_edge_pcc"] > untrained["own_edge_pcc"] + 0.2
+    assert np.isfinite(diagnostics["baselines"]["mean_image_psnr"])
+
+
+def test_a_model_that_learned_nothing_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    images = [phantom(s) for s in range(3)]
+    model = BlindHarmonyDiff(preset="tiny", steps=1, monitor_every=1).fit(
+        images, ["a"] * 3, ["T1w"] * 3, target="a"
+    )
+    with caplog.at_level("WARNING"):
+        card = json.loads((model.save(tmp_path / "model") / "model_card.json").read_text())
+    diagnostics = card["diagnostics"]["T1w"]
+    assert diagnostics["learned"] is False
+    assert "no better than the mean training image" in diagnostics["warnings"][0]
+    assert "no better than the mean training image" in caplog.text
+
+
+def test_default_preset_is_cpu_without_a_gpu() -> None:
+    assert BlindHarmonyDiff(device="cpu").params["preset"] == "cpu"
+    assert machine_preset("auto", "cpu") == "cpu" and machine_preset("paper", "cpu") == "paper"
+
+
+def test_flips_keep_the_coordinates() -> None:
+    patch = torch.arange(5 * 4 * 4 * 4, dtype=torch.float32).reshape(5, 4, 4, 4)
+    generator = torch.Generator().manual_seed(0)
+    flipped = [random_flip(patch, (0,), generator) for _ in range(8)]
+    assert any(not torch.equal(f, patch) for f in flipped)
+    for f in flipped:
+        torch.testing.assert_close(f[2:], patch[2:])
+        assert torch.equal(f[:2], patch[:2]) or torch.equal(f[:2], patch[:2].flip(1))
+
+
+def test_x1_prediction_one_euler_step_returns_the_network_output() -> None:
+    network = build_network(replace(PRESETS["tiny"], prediction="x1"))
+    condition = torch.randn(1, 4, 16, 16, 16)
+    noise = torch.randn(1, 1, 16, 16, 16)
+    out = integrate(network, noise, condition, 1, "euler", prediction="x1")
+    with torch.no_grad():
+        expected = network(torch.cat([noise, condition], 1), torch.zeros(1))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

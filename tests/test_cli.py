@@ -58,7 +58,7 @@ def test_help_is_fast_and_lists_the_registry() -> None:
         (["participant", "--edge-ratio", "1.5"], 64, ["--edge-ratio", "strictly between 0"]),
         (["everyone"], 17, ["analysis_level", "'everyone'", "choose from 'participant'"]),
         (["group", "--preset", "huge", "--method", "blindharmony"], 64,
-         ["--preset", "'huge'", "choose from 'paper', 'fast', 'tiny'"]),
+         ["--preset", "'huge'", "choose from 'auto', 'cpu', 'fast', 'paper', 'tiny'"]),
         (["group", "--preset", "tiny"], 64, ["--preset tiny", "histmatch has no presets",
                                              "drop --preset"]),
         (["group", "--harmonizer-param", "n_quantile=5"], 64,

@@ -16,7 +16,9 @@ import pytest
 from bids_harmony.errors import UsageError
 from bids_harmony.harmonizers import HARMONIZERS, from_options
 from bids_harmony.harmonizers.registry import (
+    AUTO_PRESET,
     DEDICATED_OPTIONS,
+    MACHINE_PRESET,
     HarmonizerRegistry,
     ParamKind,
     Parameter,
@@ -64,7 +66,8 @@ def test_static_metadata_equals_the_imported_class(name: str) -> None:
         module = importlib.import_module(info.module)
         assert info.default_preset == signature["preset"].default
         for preset in info.presets:
-            settings = dataclasses.asdict(module.PRESETS[preset])
+            settings = dataclasses.asdict(module.PRESETS[
+                MACHINE_PRESET if preset == AUTO_PRESET else preset])
             assert {p.name: p.default for p in info.parameters(preset)} == {
                 key: value for key, value in settings.items() if key not in DEDICATED_OPTIONS}
     else:
@@ -105,10 +108,11 @@ def test_learned_settings_come_from_preset_options_and_params(tmp_path: Path) ->
                                                                            7, (1, 2))
     assert (diff.settings.device, diff.settings.seed, diff.params["preset"]) == ("cpu", 3, "tiny")
     assert diff.checkpoint_dir == tmp_path and "checkpoint_dir" not in diff.params
-    blind = from_options("blindharmony", params={"alpha": "0.01", "beta_ncc": "10",
+    blind = from_options("blindharmony", params={"alpha": "0.01", "ncc_step": "0.5",
                                                   "beta_edge": "0.1", "iterations": "3"})
-    assert (blind.params["alpha"], blind.params["beta_ncc"], blind.params["beta_edge"],
-            blind.params["iterations"], blind.params["preset"]) == (0.01, 10.0, 0.1, 3, "fast")
+    # the default preset "auto" is "cpu" on a machine without a GPU
+    assert (blind.params["alpha"], blind.params["ncc_step"], blind.params["beta_edge"],
+            blind.params["iterations"], blind.params["preset"]) == (0.01, 0.5, 0.1, 3, "cpu")
     assert blind.checkpoint_dir is None
     assert "checkpoint_dir" not in vars(Harmonizer)
 
@@ -122,7 +126,7 @@ def test_learned_settings_come_from_preset_options_and_params(tmp_path: Path) ->
         ("nyul", None, {"percentiles": "1,x"}, ["percentiles", "comma-separated numbers"]),
         ("zscore", None, {"width": "1"}, ["zscore has no parameter 'width'", "none"]),
         ("histmatch", "tiny", {}, ["--preset tiny", "histmatch has no presets"]),
-        ("blindharmony", "huge", {}, ["--preset huge", "paper, fast, tiny"]),
+        ("blindharmony", "huge", {}, ["--preset huge", "auto, cpu, fast, paper, tiny"]),
         ("blindharmony", None, {"device": "cpu"}, ["device", "--device"]),
         ("blindharmonydiff", None, {"sampling_step": "3"}, ["sampling_steps", "solver"]),
         ("nomethod", None, {}, ["--method nomethod", "histmatch"]),

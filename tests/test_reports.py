@@ -24,6 +24,7 @@ from bids_harmony.config import AnalysisLevel, RunConfig
 from bids_harmony.data.templates import TemplateFiles
 from bids_harmony.bids.paths import derivative_path, mask_desc
 from bids_harmony.reports import write_group_outputs
+from bids_harmony.reports.group import write_group_report
 from bids_harmony.workflows.citations import compose_methods
 from bids_harmony.workflows.group import fit_group
 from bids_harmony.workflows.harmonize import harmonization_desc
@@ -122,6 +123,21 @@ def test_group_report_ends_with_the_methods_to_cite(group_run: Path) -> None:
     assert methods.count("<li>") == 2 and "<li>Tustison NJ, Cook PA" in methods
     assert "CVPR, 2025" in methods  # the histogram-matching baseline's paper
     assert 'href="logs/CITATION.md"' in methods
+
+
+def test_group_report_warns_when_the_model_learned_nothing(group_run: Path,
+                                                           tmp_path: Path) -> None:
+    evaluation = json.loads((group_run / "group_evaluation.json").read_text())
+    assert evaluation["model_diagnostics"] == {}  # histmatch has nothing to learn
+    assert "Model diagnostics" not in (group_run / "group_report.html").read_text()
+    evaluation["model_diagnostics"] = {"T1w": {
+        "history": [{"step": 40, "own_edge_psnr": 12.5}], "baselines": {"mean_image_psnr": 16.0},
+        "scored_on": "held-out", "warnings": ["no better than the mean training image"],
+        "learned": False}}
+    methods = compose_methods(["Images were registered with antspyx [@antspyx].\n\n"])
+    text = write_group_report(tmp_path, evaluation, methods).read_text()
+    assert '<p class="warning"><b>T1w: the model did not learn.</b> no better than' in text
+    assert "after step 40, on held-out target images: own_edge_psnr 12.5" in text
 
 
 def test_evaluation_twins_and_site_effect(group_run: Path) -> None:

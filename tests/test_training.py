@@ -13,12 +13,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from bids_harmony.nn.stages import run_stage, stage_path
 from bids_harmony.nn.training import (
+    Monitor,
     StepLoss,
     TrainingState,
     checkpoint_path,
     fingerprint,
     train,
     train_state,
+    warmup_schedule,
 )
 
 STEPS = 10
@@ -89,6 +91,64 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path: Path) -> N
     assert resumed.scheduler.state_dict() == reference.scheduler.state_dict()
     assert not checkpoint.exists()
     assert not resumed.network.training
+
+
+class StabilisedRun(Run):
+    """:class:`Run` with warm-up, gradient clipping, an EMA of the weights and a monitor
+    that scores the EMA copy on fixed held-out data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scheduler = warmup_schedule(self.optimiser, 4, STEPS, decay="cosine")
+        self.ema = AveragedModel(self.network, multi_avg_fn=get_ema_multi_avg_fn(0.8))
+        held_out = torch.randn(32, 4, generator=torch.Generator().manual_seed(9))
+
+        def evaluate() -> dict[str, float]:
+            with torch.no_grad():
+                error = self.ema.module(held_out) - held_out.sum(1, keepdim=True)
+            return {"mse": float(error.pow(2).mean())}
+
+        self.monitor = Monitor(evaluate, every=4)
+
+    def train(self, checkpoint: Path | None, step_loss: StepLoss | None = None) -> list[float]:
+        return train(
+            self.network, self.optimiser, step_loss or self.step_loss, STEPS, self.generator,
+            scheduler=self.scheduler, clip_norm=0.5, ema=self.ema, monitor=self.monitor,
+            checkpoint=checkpoint, checkpoint_every=CHECKPOINT_EVERY,
+        )
+
+
+def test_warmup_clipping_ema_and_monitor_resume_exactly(tmp_path: Path) -> None:
+    reference = StabilisedRun()
+    expected = reference.train(None)
+    # the monitor ran every 4 steps and after the last, and the held-out error fell
+    assert [record["step"] for record in reference.monitor.history] == [4, 8, STEPS]
+    assert reference.monitor.history[-1]["mse"] < reference.monitor.history[0]["mse"]
+    checkpoint = tmp_path / "run.pt"
+    interrupted = StabilisedRun()
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train(checkpoint, interrupted_at(interrupted, call=8))
+    resumed = StabilisedRun()
+    assert resumed.train(checkpoint) == expected
+    assert resumed.monitor.history == reference.monitor.history
+    assert_same_weights(resumed.ema, reference.ema)
+    assert_same_weights(resumed.network, reference.network)
+
+
+def test_warmup_rises_linearly_then_holds_or_decays() -> None:
+    network = torch.nn.Linear(2, 1)
+    for decay, last in (("none", 1.0), ("cosine", 0.0)):
+        optimiser = torch.optim.SGD(network.parameters(), lr=1.0)
+        schedule = warmup_schedule(optimiser, 4, 12, decay=decay)
+        rates = []
+        for _ in range(12):
+            rates.append(optimiser.param_groups[0]["lr"])
+            optimiser.step()
+            schedule.step()
+        assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+        assert rates[4] == pytest.approx(1.0) and rates[-1] == pytest.approx(last, abs=0.05)
+    with pytest.raises(ValueError, match="decay"):
+        warmup_schedule(torch.optim.SGD(network.parameters(), lr=1.0), 1, 2, decay="step")
 
 
 def test_checkpoints_do_not_change_the_result(tmp_path: Path) -> None:

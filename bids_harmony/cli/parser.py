@@ -112,8 +112,9 @@ def build_parser(file_values: Mapping[str, Any] | None = None,
                               "under OUTPUT_DIR/models/)")
     harmony.add_argument("--preset", choices=list(Preset), default=None,
                          help="size of a learned harmonizer trained at the group level "
-                              "(tiny: tests, seconds on CPU; fast: one GPU; paper: the "
-                              "paper's scale); default: the method's own, "
+                              "(cpu: under 20 min on 2 CPU cores at 2 mm; fast: one GPU; "
+                              "paper: the paper's scale; tiny: tests; auto: cpu without a "
+                              "GPU, else fast); default: the method's own, "
                               f"{_default_presets(HARMONIZERS)}; methods without presets "
                               "refuse it")
     harmony.add_argument("--harmonizer-param", dest="harmonizer_params", action="extend",

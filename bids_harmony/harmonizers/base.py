@@ -197,6 +197,11 @@ class Harmonizer(ABC):
         self._check_fitted()
         return self.state_[sequence][REFERENCE_QUANTILES]
 
+    def diagnostics(self) -> dict[str, dict[str, Any]]:
+        """Per sequence, what training measured on held-out data and whether the model
+        learned (learned harmonizers); a method with nothing to learn has none."""
+        return {}
+
     def model_card(self) -> dict[str, Any]:
         """What was fitted, on what, with which parameters: the JSON saved beside the state."""
         self._check_fitted()

@@ -1,9 +1,11 @@
 """What the learned harmonizers share: safetensors weights, a model card with the training
-loss curve (thinned in the JSON, full as a PNG beside it), the brain-box crop they train and
-infer on, and the stage cache that spares a rerun with unchanged inputs."""
+loss curve (thinned in the JSON, full as a PNG beside it) and the held-out diagnostics that say
+whether the model learned anything, the brain-box crop they train and infer on, the stage
+cache that spares a rerun with unchanged inputs, and the training time announced up front."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
 
 S = TypeVar("S")
 
+LOGGER = logging.getLogger(__name__)
+
 WEIGHTS_FILE = "model.safetensors"
 NETWORK_PREFIX = "net."
 LOSS_HISTORY = "loss_history"
@@ -33,6 +37,9 @@ BRAIN_BOX = "brain_box"
 BRAIN_BOX_GRID = "brain_box_grid"
 #: Folder of finished training stages, inside the harmonizer's checkpoint directory.
 STAGES_DIR = "stages"
+#: State-key prefixes of the diagnostics: the monitor's scores per recorded step, the
+#: model-free baselines they are judged against, and whether they were held out.
+MONITOR_PREFIX, BASELINE_PREFIX, HELD_OUT = "monitor.", "baseline.", "monitor_held_out"
 
 
 class LearnedHarmonizer(Harmonizer):
@@ -52,8 +59,14 @@ class LearnedHarmonizer(Harmonizer):
         return load_file(str(path))
 
     def _add_to_card(self, card: dict[str, Any], staging: Path) -> None:
-        """The training loss per sequence: a thinned curve in the card and a PNG beside it."""
+        """The training loss per sequence: a thinned curve in the card and a PNG beside it;
+        the diagnostics and, where they say the model learned nothing, a warning (also
+        logged, and shown by the group report)."""
         card["loss_curve"] = {}
+        card["diagnostics"] = self.diagnostics()
+        for sequence, diagnostics in card["diagnostics"].items():
+            for warning in diagnostics["warnings"]:
+                LOGGER.warning("%s model, %s: %s", self.name, sequence, warning)
         for sequence, seq_state in self.state_.items():
             steps, losses = summarise_losses(seq_state[LOSS_HISTORY])
             card["loss_curve"][sequence] = {"step": steps, "loss": losses}
@@ -61,6 +74,36 @@ class LearnedHarmonizer(Harmonizer):
                 seq_state[LOSS_HISTORY], f"{type(self).__name__}, {sequence}",
                 self.loss_label, staging / f"loss_{sequence}.png",
             )
+
+    def diagnostics(self) -> dict[str, dict[str, Any]]:
+        """Per sequence: the monitor's history, its baselines, what it scored (held-out or
+        training images), the warnings of :meth:`_diagnose` and ``learned`` (no warning)."""
+        report = {}
+        for sequence, seq_state in self.state_.items():
+            diagnostics = read_diagnostics(seq_state)
+            diagnostics["warnings"] = self._diagnose(diagnostics)
+            diagnostics["learned"] = not diagnostics["warnings"]
+            report[sequence] = diagnostics
+        return report
+
+    def _diagnose(self, diagnostics: dict[str, Any]) -> list[str]:
+        """Warnings for a model whose diagnostics say it learned nothing (none by default)."""
+        return []
+
+    def _announce(self, steps: int, seconds_per_step: float | None) -> None:
+        """Log the expected training time before training starts, from a measured step time
+        on 2 CPU cores (``None``: not measured for this preset, or on a GPU)."""
+        if seconds_per_step is None:
+            LOGGER.info("%s: training %d steps (preset %s)", self.name, steps,
+                        self.params.get("preset"))
+            return
+        seconds = steps * seconds_per_step
+        expected = f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+        LOGGER.warning(
+            "%s: training %d steps, expected about %s on 2 CPU cores (preset %s); "
+            "a GPU (--device cuda) trains --preset fast far quicker", self.name, steps,
+            expected, self.params.get("preset"),
+        )
 
     def _stage(self, stage: str, key: str, compute: Callable[[], StageResult]) -> StageResult:
         """``compute()`` through the stage cache beside the checkpoints (none without a
@@ -181,6 +224,50 @@ def network_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for name, value in state.items()
         if name.startswith(NETWORK_PREFIX)
     }
+
+
+def split_validation(images: Sequence[Volume], count: int) -> tuple[list[Volume], list[Volume]]:
+    """The last ``count`` images held out for the diagnostics, when at least two stay to train
+    on; otherwise none (the diagnostics then score training images, and the card says so)."""
+    if count < 1 or len(images) - count < 2:
+        return list(images), []
+    return list(images[:-count]), list(images[-count:])
+
+
+def monitor_arrays(
+    history: Sequence[Mapping[str, float]], baselines: Mapping[str, float], held_out: bool
+) -> dict[str, np.ndarray]:
+    """A run's diagnostics as state arrays, so they travel with the weights (and the stage
+    cache): one array per score over the recorded steps, one per baseline."""
+    arrays = {HELD_OUT: np.array([int(held_out)], dtype=np.int64)}
+    for name in dict.fromkeys(key for record in history for key in record):
+        arrays[MONITOR_PREFIX + name] = np.array(
+            [record[name] for record in history], dtype=np.float64
+        )
+    for name, value in baselines.items():
+        arrays[BASELINE_PREFIX + name] = np.array([value], dtype=np.float64)
+    return arrays
+
+
+def read_diagnostics(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The inverse of :func:`monitor_arrays`: history records, baselines and what was scored."""
+    columns = {
+        name[len(MONITOR_PREFIX):]: np.asarray(value).tolist()
+        for name, value in state.items() if name.startswith(MONITOR_PREFIX)
+    }
+    steps = len(next(iter(columns.values()), []))
+    history = [
+        {name: (int(values[k]) if name == "step" else round(float(values[k]), 6))
+         for name, values in columns.items()}
+        for k in range(steps)
+    ]
+    baselines = {
+        name[len(BASELINE_PREFIX):]: round(float(np.asarray(value).ravel()[0]), 6)
+        for name, value in state.items() if name.startswith(BASELINE_PREFIX)
+    }
+    held_out = bool(np.asarray(state[HELD_OUT]).ravel()[0]) if HELD_OUT in state else False
+    return {"history": history, "baselines": baselines,
+            "scored_on": "held-out" if held_out else "training"}
 
 
 def summarise_losses(losses: np.ndarray) -> tuple[list[int], list[float]]:

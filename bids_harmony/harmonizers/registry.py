@@ -35,6 +35,10 @@ DEDICATED_OPTIONS = {
     "checkpoint_dir": "--work-dir",
 }
 PRESETS_NAME = "PRESETS"
+#: A default preset that the class resolves for the machine (``cpu`` without a GPU, else
+#: ``fast``); its parameter schema is the ``cpu`` preset's.
+AUTO_PRESET = "auto"
+MACHINE_PRESET = "cpu"
 
 
 class ParamKind(StrEnum):
@@ -276,6 +280,9 @@ def read_module(path: Path, module: str) -> list[MethodInfo]:
             settings_names = {p.name for p in next(iter(presets.values()))}
             dedicated = (set(dedicated_defaults) | settings_names) & set(DEDICATED_OPTIONS)
             default_preset = dedicated_defaults.get("preset", next(iter(presets)))
+            if default_preset == AUTO_PRESET:
+                schemas = {AUTO_PRESET: schemas.get(MACHINE_PRESET, next(iter(schemas.values()))),
+                           **schemas}
         else:
             schemas = {None: keywords}
             dedicated = set(dedicated_defaults)
@@ -283,7 +290,8 @@ def read_module(path: Path, module: str) -> list[MethodInfo]:
         found.append(MethodInfo(
             name=name, module=module, class_name=node.name,
             summary=(ast.get_docstring(node) or "").strip().splitlines()[0],
-            presets=tuple(presets), default_preset=default_preset, schemas=schemas,
+            presets=tuple(schemas) if presets else (), default_preset=default_preset,
+            schemas=schemas,
             dedicated=frozenset(dedicated), citation=_class_citation(node),
         ))
     return found

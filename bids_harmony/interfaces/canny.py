@@ -84,7 +84,12 @@ class CannyEdges(SimpleInterface):
             ) from error
         n_reference = mask.sum() if self.inputs.denominator == "mask" else edges.size
         achieved = float(edges.sum()) / float(n_reference)
-        if abs(achieved - self.inputs.edge_ratio) > self.inputs.tolerance:
+        if threshold == 0.0 and achieved < self.inputs.edge_ratio:
+            LOGGER.info(
+                "%s: every Canny edge kept (ratio %.4f, below the requested %.4f)",
+                self.inputs.in_file, achieved, self.inputs.edge_ratio,
+            )
+        elif abs(achieved - self.inputs.edge_ratio) > self.inputs.tolerance:
             LOGGER.warning(
                 "%s: Canny edges reach a ratio of %.4f, not the requested %.4f",
                 self.inputs.in_file, achieved, self.inputs.edge_ratio,

@@ -4,10 +4,18 @@ harmonizers."""
 from __future__ import annotations
 
 from bids_harmony.nn.stages import run_stage
-from bids_harmony.nn.training import TrainingState, checkpoint_path, fingerprint, train, train_state
+from bids_harmony.nn.training import (
+    Monitor,
+    TrainingState,
+    checkpoint_path,
+    fingerprint,
+    train,
+    train_state,
+    warmup_schedule,
+)
 from bids_harmony.nn.unet import VelocityUNet
 
 __all__ = [
-    "TrainingState", "VelocityUNet", "checkpoint_path", "fingerprint", "run_stage", "train",
-    "train_state",
+    "Monitor", "TrainingState", "VelocityUNet", "checkpoint_path", "fingerprint", "run_stage", "train",
+    "train_state", "warmup_schedule",
 ]

@@ -7,6 +7,9 @@ an EMA copy of the weights: anything with a ``state_dict``), the random generato
 loss history to ``<checkpoint_dir>/<fingerprint>.pt`` atomically; a later run with the same
 fingerprint continues from there and ends with exactly the state an uninterrupted run would
 have had (the generator state is restored, and every step draws its randomness from it).
+
+A :class:`Monitor` scores the model on held-out data every few steps and at the end, so a
+model card can say whether training learned anything; its history is checkpointed too.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +37,48 @@ StepLoss = Callable[[torch.Generator], torch.Tensor]
 #: One whole training step (every update of every module), drawing its randomness from the
 #: generator; returns the loss to record for the step.
 TrainingStep = Callable[[torch.Generator], float]
+
+
+@dataclass
+class Monitor:
+    """Held-out diagnostics of a run: ``evaluate()`` every ``every`` steps and after the last.
+
+    ``evaluate`` must not draw from the training generator (it would change the run); it
+    returns named scores, which are logged and kept with their step in ``history``.
+    """
+
+    evaluate: Callable[[], dict[str, float]]
+    every: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def record(self, step: int, description: str) -> None:
+        scores = {name: float(value) for name, value in self.evaluate().items()}
+        self.history.append({"step": step, **scores})
+        LOGGER.info("%s, step %d: %s", description, step,
+                    ", ".join(f"{name} {value:.4g}" for name, value in scores.items()))
+
+
+def warmup_schedule(
+    optimiser: torch.optim.Optimizer, warmup_steps: int, total_steps: int, decay: str = "none"
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps``, then a constant (``decay='none'``) or cosine
+    (``'cosine'``, to 0 at ``total_steps``) learning rate.
+
+    The warm-up keeps Adam's first, badly estimated moments from throwing a freshly
+    initialised network off at learning rates that then train ten times faster.
+    """
+    if decay not in ("none", "cosine"):
+        raise ValueError(f"decay must be 'none' or 'cosine', got {decay!r}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if decay == "none":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
 
 
 @dataclass(frozen=True)
@@ -91,30 +137,41 @@ def train(
     generator: torch.Generator,
     *,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    clip_norm: float | None = None,
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
+    monitor: Monitor | None = None,
     checkpoint: Path | None = None,
     checkpoint_every: int = 500,
     description: str = "training",
 ) -> list[float]:
     """One network, one optimiser: ``steps`` optimiser steps of ``step_loss``.
 
-    The common case of :func:`train_state`; returns the loss of every step.
+    The common case of :func:`train_state`; returns the loss of every step. ``clip_norm``
+    clips the gradient's global norm before each step; ``ema`` is updated after each step.
     """
 
     def step(rng: torch.Generator) -> float:
         loss = step_loss(rng)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
+        if clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(network.parameters(), clip_norm)
         optimiser.step()
         if scheduler is not None:
             scheduler.step()
+        if ema is not None:
+            ema.update_parameters(network)
         return float(loss.detach())
 
+    modules: dict[str, torch.nn.Module] = {"network": network}
+    if ema is not None:
+        modules["ema"] = ema
     state = TrainingState(
-        {"network": network}, {"optimiser": optimiser},
+        modules, {"optimiser": optimiser},
         {} if scheduler is None else {"scheduler": scheduler},
     )
     return train_state(
-        state, step, steps, generator,
+        state, step, steps, generator, monitor=monitor,
         checkpoint=checkpoint, checkpoint_every=checkpoint_every, description=description,
     )
 
@@ -125,11 +182,15 @@ def train_state(
     steps: int,
     generator: torch.Generator,
     *,
+    monitor: Monitor | None = None,
     checkpoint: Path | None = None,
     checkpoint_every: int = 500,
     description: str = "training",
 ) -> list[float]:
     """Run ``steps`` calls of ``step`` on ``state``; returns the loss of every step.
+
+    ``monitor`` (if any) runs with the modules in eval mode every ``monitor.every`` steps
+    and after the last step, whatever ``every`` is.
 
     Resumes from ``checkpoint`` when it exists (steps already done are not repeated) and
     removes it once training is complete, since the saved model then holds the result.
@@ -142,7 +203,7 @@ def train_state(
     losses: list[float] = []
     start = 0
     if checkpoint is not None and checkpoint.is_file():
-        start, losses = _restore(checkpoint, state, generator)
+        start, losses = _restore(checkpoint, state, generator, monitor)
         LOGGER.info("%s: resuming from step %d of %d (%s)", description, start, steps,
                     checkpoint)
     progress = tqdm(
@@ -154,8 +215,12 @@ def train_state(
             losses.append(step(generator))
             progress.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
             progress.update()
+            if monitor is not None and (done % monitor.every == 0 or done == steps):
+                state.train(False)
+                monitor.record(done, description)
+                state.train()
             if checkpoint is not None and done % checkpoint_every == 0 and done < steps:
-                _save(checkpoint, done, losses, state, generator)
+                _save(checkpoint, done, losses, state, generator, monitor)
     finally:
         progress.close()
     state.train(False)
@@ -166,13 +231,14 @@ def train_state(
 
 def _save(
     path: Path, step: int, losses: list[float], state: TrainingState,
-    generator: torch.Generator,
+    generator: torch.Generator, monitor: Monitor | None,
 ) -> None:
     """Write the checkpoint beside its final name, then rename it into place."""
     content = {
         "step": step,
         "losses": torch.tensor(losses, dtype=torch.float64),
         "generator": generator.get_state(),
+        "monitor": [] if monitor is None else monitor.history,
         **state.state_dict(),
     }
     with atomic_path(path) as partial:
@@ -180,7 +246,7 @@ def _save(
 
 
 def _restore(
-    path: Path, state: TrainingState, generator: torch.Generator
+    path: Path, state: TrainingState, generator: torch.Generator, monitor: Monitor | None
 ) -> tuple[int, list[float]]:
     """Load a checkpoint written by :func:`_save` (tensors only: ``weights_only``).
 
@@ -190,4 +256,6 @@ def _restore(
     content = torch.load(path, map_location="cpu", weights_only=True)
     state.load_state_dict(content)
     generator.set_state(content["generator"])
+    if monitor is not None:
+        monitor.history[:] = [dict(record) for record in content.get("monitor", [])]
     return int(content["step"]), [float(v) for v in content["losses"]]

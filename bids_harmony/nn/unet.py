@@ -133,10 +133,9 @@ class VelocityUNet(nn.Module):
             )
             for c, c_next in zip(reversed(channels[1:]), reversed(channels[:-1]))
         )
+        # PyTorch's default initialisation, as in the public code: a zero head (as in DDPM
+        # U-Nets) cannot reach the unit-scale output within a CPU budget of Adam steps.
         self.head = nn.Conv3d(channels[0], out_channels, 1)
-        # A zero velocity at initialisation keeps the first steps stable (as in DDPM U-Nets).
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
         """``x``: (B, in_channels, X, Y, Z); ``times``: (B,) flow times in [0, 1]."""

@@ -46,6 +46,7 @@ def write_group_outputs(output_dir: Path, bids_dir: Path, fit: GroupFit,
     group = GroupImages(fit.images, fit.volumes, fit.harmonized, rows)
     evaluation = evaluate_group(group, harmonizer.name, harmonizer.target_site_,
                                 read_ages(bids_dir / "participants.tsv"))
+    evaluation["model_diagnostics"] = harmonizer.diagnostics()
     write_json(output_dir / EVALUATION_JSON, evaluation)
     report = write_group_report(output_dir, evaluation, methods)
     edges = [volume.channel(EDGES) > 0 for volume in fit.volumes]

@@ -48,6 +48,7 @@ def write_group_report(output_dir: Path, evaluation: Mapping[str, Any],
         "images, after = harmonized images, both in template space inside the brain mask. "
         f"Machine-readable: <a href=\"group_evaluation.json\">group_evaluation.json</a>, "
         f"<a href=\"{CLASSIFICATION_TSV}\">{CLASSIFICATION_TSV}</a>.</p>",
+        _diagnostics_section(evaluation.get("model_diagnostics", {})),
         *sections,
         _images_section(evaluation),
         _methods_section(methods),
@@ -181,6 +182,32 @@ def _images_section(evaluation: Mapping[str, Any]) -> str:
         f"{thresholds['amber_below']} (structure not kept: look at the participant page).</p>",
         table(headers, rows, sortable=True, text_columns=4),
     ])
+
+
+def _diagnostics_section(diagnostics: Mapping[str, Mapping[str, Any]]) -> str:
+    """What the learned model scored on held-out target data during training, with a
+    warning box where it learned nothing; empty for methods without training."""
+    if not diagnostics:
+        return ""
+    parts = ["<h2>Model diagnostics</h2>"]
+    for suffix, result in diagnostics.items():
+        for warning in result["warnings"]:
+            parts.append(f"<p class=\"warning\"><b>{html.escape(suffix)}: the model did not "
+                         f"learn.</b> {html.escape(warning)}</p>")
+        history = result["history"]
+        if not history:
+            continue
+        names = [name for name in history[-1] if name != "step"]
+        final = ", ".join(f"{html.escape(name)} {number(history[-1][name], 3)}" for name in names)
+        baselines = ", ".join(f"{html.escape(name)} {number(value, 3)}"
+                              for name, value in result["baselines"].items())
+        parts.append(
+            f"<p>{html.escape(suffix)}: after step {history[-1]['step']}, on "
+            f"{html.escape(result['scored_on'])} target images: {final}"
+            + (f" (baseline: {baselines})" if baselines else "")
+            + ". The full history is in the model card.</p>"
+        )
+    return "\n".join(parts)
 
 
 def _methods_section(methods: Methods) -> str:

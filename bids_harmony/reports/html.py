@@ -26,6 +26,8 @@ th { background: #f0f0f0; } td.text, th.text { text-align: left; }
 table.sortable th { cursor: pointer; }
 img { max-width: 100%; border: 1px solid #ddd; }
 .note { color: #555; font-size: 0.9em; max-width: 70em; }
+.warning { background: #fff3c4; border-left: 4px solid #f9a825; padding: 0.4em 0.8em;
+           max-width: 70em; }
 .flag { display: inline-block; width: 0.9em; height: 0.9em; border-radius: 50%; }
 .flag-green { background: #2e7d32; } .flag-amber { background: #f9a825; }
 .flag-red { background: #c62828; } .flag-grey { background: #9e9e9e; }

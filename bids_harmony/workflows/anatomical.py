@@ -154,8 +154,8 @@ def _anatomical_desc(template: TemplateFiles, registration: str, edge_ratio: flo
         "inside the brain mask were scaled to [0, 1] between their 1st and 99th "
         "percentiles. A 3D Canny edge map [@canny] (SimpleITK [@simpleitk]) of the "
         "normalised image was computed with its threshold searched per image so that edges "
-        f"cover {edge_ratio:.0%} of the brain voxels, the conditioning map of "
-        "BlindHarmonyDiff.\n\n"
+        f"cover {edge_ratio:.0%} of the image voxels (every edge inside the brain mask where "
+        "fewer exist), the conditioning map of BlindHarmonyDiff.\n\n"
     )
 
 
