@@ -252,7 +252,8 @@ def _write(args: argparse.Namespace, table1: list[dict[str, Any]],
         f"{date.today().isoformat()}; {platform.machine()}, {os.cpu_count()} CPUs, no GPU, "
         f"Python {platform.python_version()}. Data: {args.anatomy.upper()} anatomy, "
         f"{len(train) + len(held_out)} heads x {args.sites} simulated sites, preprocessed by "
-        f"the CLI at 2 mm (grid {grid}; {preprocessing:.0f} s). Training data of every method: "
+        f"the CLI at 2 mm (grid {grid}; this run's participant-level call {preprocessing:.0f} s, "
+        "a few seconds when it resumed complete outputs). Training data of every method: "
         f"the {len(train)} target-site ({target}) scans of {', '.join(train)}; scored on the "
         f"held-out {', '.join(held_out)}.",
         "",

@@ -172,7 +172,7 @@ def test_save_load_round_trip_is_exact(fitted: BlindHarmony, tmp_path: Path) -> 
     directory = fitted.save(tmp_path / "model")
     card = json.loads((directory / "model_card.json").read_text())
     assert card["state_file"] == WEIGHTS_FILE
-    assert card["parameters"]["ncc_step"] == 0.15 and card["parameters"]["iterations"] == 10
+    assert card["parameters"]["ncc_step"] == 0.2 and card["parameters"]["iterations"] == 10
     assert len(card["loss_curve"]["T1w"]["loss"]) == TINY.steps
     assert (directory / "loss_T1w.png").stat().st_size > 1000
     loaded = BlindHarmony.load(directory)

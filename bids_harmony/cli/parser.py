@@ -142,8 +142,9 @@ def build_parser(file_values: Mapping[str, Any] | None = None,
                          help="whether inputs are already brain-extracted (default auto: "
                               "detect; the bare flag means yes)")
     preproc.add_argument("--edge-ratio", type=ratio, default=0.08,
-                         help="fraction of brain voxels the 3D Canny edge map keeps, threshold "
-                              "searched per image as in BlindHarmonyDiff (default: %(default)s)")
+                         help="fraction of the image's voxels the 3D Canny edge map keeps, "
+                              "threshold searched per image as in BlindHarmonyDiff (every edge "
+                              "in the brain where fewer exist; default: %(default)s)")
     preproc.add_argument("--seed", type=int, default=42,
                          help="random seed (default: %(default)s)")
 

@@ -91,7 +91,7 @@ class PriorSettings:
     min_brain_fraction: float = 0.1
     iterations: int = 10
     alpha: float = 0.001
-    ncc_step: float = 0.15
+    ncc_step: float = 0.2
     ncc_form: str = "cosine"
     beta_edge: float = 0.0
     edge_fraction: float = 0.08
@@ -147,10 +147,11 @@ class BlindHarmony(LearnedHarmonizer):
       over the slice's brain), so each iteration turns the slice by ``ncc_step`` of its angle
       to the source whatever the brain area. A fixed beta_1 diverges on the small slices at
       the top and bottom of the brain (5-7 dB there). The paper's beta_1 = 1000 on its
-      144x176 slices is about ``ncc_step`` 0.3; 0.15 (with the paper's N = 10) keeps 20 % of
-      the mean image's angle to the source. On the training heads at 2 mm that blend scored
-      best on both real-style sites (+0.9 / +0.6 dB over the source, against +0.1 / +0.6 dB
-      for the converged walk, whose limit is the source rescaled per slice). beta_2 multiplies the gradient of
+      144x176 slices is about ``ncc_step`` 0.3; 0.2 (with the paper's N = 10) keeps ~10 %
+      of the mean image's angle to the source. Chosen leave-one-out on the training heads
+      at 2 mm (each head's mean image from the other three): +0.29 / +0.14 dB over the
+      source on the GE- / Philips-style sites, against +0.04 / +0.26 for the converged walk
+      (0.3; its limit is the source rescaled per slice) and +0.43 / -0.37 for 0.15. beta_2 multiplies the gradient of
       ``sum M (|dx/du| + |dx/dv|)`` (forward differences); M excludes the ``edge_fraction`` of
       brain pixels where the source's gradient magnitude is largest, the pipeline's edge
       share. Image-space steps change only brain pixels. beta_2 is 0 except in the

@@ -163,8 +163,10 @@ class BlindHarmonyDiff(LearnedHarmonizer):
       padding, so a voxel has the same coordinates in training and at inference.
     * A multi-stride patch draws each axis's stride uniformly from 1 .. floor(side / patch)
       (redrawn while all are 1), crops a random sub-volume of stride x patch voxels and keeps
-      every stride-th voxel. Flips mirror all five channels together, so every voxel keeps
-      its coordinates.
+      every stride-th voxel. Flips (``flip_axes``; the short-run presets: left-right only)
+      mirror image and edges but not the coordinates, as the public code flips the volume
+      before patching; mirroring the coordinates too would show the network coordinate
+      orientations it never meets at inference.
     * Flow times are drawn uniformly in [0, 1] (the integral of Eq. 6).
     * The refinement maximises NCC inside the brain mask, in the flow's [-1, 1] space, with
       the gradient of the voxel-sum NCC (voxel count times the mean-form gradient) as in the
@@ -411,8 +413,9 @@ def pad_end(array: np.ndarray, shape: Sequence[int], fill: float) -> np.ndarray:
 def pipeline_edge_map(image: Volume, edge_ratio: float) -> np.ndarray:
     """The edge map the pipeline's Canny step writes for ``image`` (``desc-edges``).
 
-    The same call as the participant level's ``CannyEdges`` node: ``edge_ratio`` of the
-    brain-mask voxels, the interface's default smoothing and search, and the voxel spacing,
+    The same call as the participant level's ``CannyEdges`` node: ``edge_ratio`` of all
+    voxels inside the mask (:data:`PIPELINE_DENOMINATOR`), the interface's default smoothing
+    and search, and the voxel spacing,
     without which the smoothing kernel and so the map differ on any grid but 1 mm.
     """
     edges, _ = canny_edges_at_ratio(
