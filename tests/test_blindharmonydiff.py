@@ -22,7 +22,6 @@ from bids_harmony.harmonizers.blindharmonydiff import (
     build_network,
     conditioning_channels,
     extract_patch,
-    machine_preset,
     own_edge_scores,
     pipeline_edge_map,
     random_flip,
@@ -31,7 +30,7 @@ from bids_harmony.harmonizers.blindharmonydiff import (
     whole_volume_coordinates,
     with_edges,
 )
-from bids_harmony.harmonizers.learned import NETWORK_PREFIX, WEIGHTS_FILE, BrainBox
+from bids_harmony.harmonizers.learned import NETWORK_PREFIX, WEIGHTS_FILE, BrainBox, machine_preset
 from bids_harmony.imaging.edges import PIPELINE_DENOMINATOR, canny_edges_at_ratio
 from bids_harmony.metrics import ncc
 from bids_harmony.nn.guidance import masked_ncc_ascent_step, pearson_ncc_gradient

@@ -28,6 +28,7 @@ from bids_harmony.harmonizers.registry import register
 from bids_harmony.harmonizers.learned import (
     BrainBox,
     LearnedHarmonizer,
+    machine_preset,
     monitor_arrays,
     network_arrays,
     network_state,
@@ -109,7 +110,7 @@ class PriorSettings:
         )
 
 
-#: ``cpu``: the default without a GPU, ~12 min on 2 cores at 2 mm. ``fast``: a smaller flow
+#: ``cpu``: the default without a GPU, ~8 min on 2 cores at 2 mm. ``fast``: a smaller flow
 #: for a first model on one GPU. ``paper``: Sec. 4.2 and the public configuration (4 x 7
 #: steps, 96 channels, 3 residual blocks, batch 256, lr 5e-4, 20k steps). ``tiny``: tests.
 PRESETS: dict[str, PriorSettings] = {
@@ -120,7 +121,7 @@ PRESETS: dict[str, PriorSettings] = {
     "tiny": PriorSettings(2, 2, 8, 1, 8, 40, 1e-3, monitor_every=20),
 }
 #: Measured seconds per training step on 2 CPU cores, for the time printed before training.
-CPU_SECONDS_PER_STEP = {"cpu": 0.55, "tiny": 0.01}
+CPU_SECONDS_PER_STEP = {"cpu": 0.38, "tiny": 0.01}
 
 
 @register("blindharmony")
@@ -151,12 +152,13 @@ class BlindHarmony(LearnedHarmonizer):
       of the mean image's angle to the source. Chosen leave-one-out on the training heads
       at 2 mm (each head's mean image from the other three): +0.29 / +0.14 dB over the
       source on the GE- / Philips-style sites, against +0.04 / +0.26 for the converged walk
-      (0.3; its limit is the source rescaled per slice) and +0.43 / -0.37 for 0.15. beta_2 multiplies the gradient of
-      ``sum M (|dx/du| + |dx/dv|)`` (forward differences); M excludes the ``edge_fraction`` of
-      brain pixels where the source's gradient magnitude is largest, the pipeline's edge
-      share. Image-space steps change only brain pixels. beta_2 is 0 except in the
-      ``paper`` preset (0.001): on the training heads at 2 mm the paper's value cost 0.3 dB
-      on the Philips-style site and 1 dB on the gamma domain for 0.1 dB on the GE-style one.
+      (0.3; its limit is the source rescaled per slice) and +0.43 / -0.37 for 0.15.
+      beta_2 multiplies the gradient of ``sum M (|dx/du| + |dx/dv|)`` (forward
+      differences); M excludes the ``edge_fraction`` of brain pixels where the source's
+      gradient magnitude is largest, the pipeline's edge share. Image-space steps change
+      only brain pixels. beta_2 is 0 except in the ``paper`` preset (0.001): on the
+      training heads at 2 mm the paper's value cost 0.3 dB on the Philips-style site and
+      1 dB on the gamma domain for 0.1 dB on the GE-style one.
     * The output is x_N, the last image-space update (Algorithm 1, line 5), clipped to
       [0, 1]. Inference is not dequantized, so it is deterministic.
     * The flow runs in float32: spline inverses and LU solves lose invertibility in
@@ -172,9 +174,7 @@ class BlindHarmony(LearnedHarmonizer):
 
     def __init__(self, preset: str = "auto", checkpoint_dir: Path | None = None,
                  **overrides: Any) -> None:
-        if preset == "auto":
-            on_cpu = resolve_device(overrides.get("device", "auto")).type == "cpu"
-            preset = "cpu" if on_cpu else "fast"
+        preset = machine_preset(preset, overrides.get("device", "auto"))
         settings = resolve_settings(self.name, PRESETS, preset, overrides)
         _validate(settings)
         self.settings = settings
@@ -212,15 +212,14 @@ class BlindHarmony(LearnedHarmonizer):
     def _diagnose(self, diagnostics: dict[str, Any]) -> list[str]:
         """Warn when the flow does not tell the target contrast from a shifted one, or when
         Algorithm 1 does no better with the flow step than without it."""
-        if not diagnostics["history"]:
-            return ["no held-out diagnostics were recorded"]
         final = diagnostics["history"][-1]
         warnings = []
         gap = final[BITS_SHIFTED] - final[BITS_TARGET]
         if gap < MIN_BITS_GAP:
             warnings.append(
-                f"the flow gives {diagnostics['scored_on']} target slices {final[BITS_TARGET]:.2f} "
-                f"bits/pixel and gamma-shifted ones {final[BITS_SHIFTED]:.2f}: it does not "
+                f"the flow gives {diagnostics['scored_on']} target slices "
+                f"{final[BITS_TARGET]:.2f} bits/pixel and gamma-shifted ones "
+                f"{final[BITS_SHIFTED]:.2f}: it does not "
                 "tell the target contrast from another; train longer or on a GPU (--preset fast)"
             )
         if final[PSNR_FLOW] <= final[PSNR_NO_FLOW]:

@@ -24,7 +24,9 @@ from bids_harmony.errors import UsageError
 from bids_harmony.harmonizers.registry import register
 from bids_harmony.harmonizers.learned import (
     BrainBox,
+    NO_DIAGNOSTICS,
     LearnedHarmonizer,
+    machine_preset,
     monitor_arrays,
     network_arrays,
     network_state,
@@ -79,8 +81,9 @@ class FlowSettings:
     image and edges (not the coordinates) are mirrored with probability 1/2.
     ``sampling_steps`` is the number of ODE steps of size 1 / steps (paper: 16).
     ``refinement_steps`` / ``refinement_step_size`` / ``refinement_scale``: NCC
-    gradient-ascent steps (paper: 6 absolute steps of 0.02). ``edge_ratio``: share of all voxels that are Canny edges (paper: 8 %), used
-    only for images that come without the pipeline's edge map (the Python API).
+    gradient-ascent steps (paper: 6 absolute steps of 0.02). ``edge_ratio``: share of all
+    voxels that are Canny edges (paper: 8 %), used only for images that come without the
+    pipeline's edge map (the Python API).
     ``validation_images``: reference images held out of training to score the model on
     (when at least two stay for training), every ``monitor_every`` steps.
     ``checkpoint_every``: training steps between checkpoints, written only when the harmonizer
@@ -117,8 +120,9 @@ class FlowSettings:
 
 
 #: ``cpu``: the default without a GPU, ~17 min on 2 cores at 2 mm; one network evaluation
-#: (the conditional mean) and the paper's 6 NCC steps, relative (see :class:`BlindHarmonyDiff`). ``fast``: a first model on one GPU. Both take
-#: what makes a short run converge (measured at 2 mm on IXI, ``benchmarks/results``): the
+#: (the conditional mean) and the paper's 6 NCC steps, relative (see
+#: :class:`BlindHarmonyDiff`). ``fast``: a first model on one GPU. Both take what makes a
+#: short run converge (measured at 2 mm on IXI, ``benchmarks/results``): the
 #: clean-image prediction, warm-up with clipping at a 10x larger learning rate, the EMA.
 #: ``paper``: supplement S3.1 (2 x Quadro RTX 8000 in the paper). ``tiny``: tests.
 PRESETS: dict[str, FlowSettings] = {
@@ -253,10 +257,10 @@ class BlindHarmonyDiff(LearnedHarmonizer):
     def _diagnose(self, diagnostics: dict[str, Any]) -> list[str]:
         """A model whose own-edge reconstruction is no better than the mean training image
         learned nothing a harmonization could use."""
-        final = diagnostics["history"][-1] if diagnostics["history"] else {}
+        final = diagnostics["history"][-1]
         baseline = diagnostics["baselines"].get(MEAN_IMAGE_PSNR)
-        if not final or baseline is None:
-            return ["no held-out diagnostics were recorded"]
+        if baseline is None:
+            return [NO_DIAGNOSTICS]
         if final[OWN_EDGE_PSNR] <= baseline:
             return [
                 f"the network reconstructs {diagnostics['scored_on']} target images from "
@@ -297,7 +301,8 @@ class BlindHarmonyDiff(LearnedHarmonizer):
 def _validate(settings: FlowSettings) -> None:
     """Reject settings that cannot train or sample, naming the parameter."""
     positive = (
-        "base_channels", "patch_size", "batch_size", "steps", "sampling_steps", "checkpoint_every"
+        "base_channels", "patch_size", "batch_size", "steps", "sampling_steps", "checkpoint_every",
+        "monitor_every",
     )
     for name in positive:
         if int(getattr(settings, name)) < 1:
@@ -314,9 +319,9 @@ def _validate(settings: FlowSettings) -> None:
         raise UsageError(
             f"prediction must be one of {', '.join(PREDICTIONS)}, got {settings.prediction!r}"
         )
-    for name in ("warmup_steps", "validation_images", "monitor_every"):
-        if int(getattr(settings, name)) < (1 if name == "monitor_every" else 0):
-            raise UsageError(f"blindharmonydiff {name} is out of range: {getattr(settings, name)}")
+    for name in ("warmup_steps", "validation_images"):
+        if int(getattr(settings, name)) < 0:
+            raise UsageError(f"blindharmonydiff needs {name} >= 0, got {getattr(settings, name)}")
     if settings.clip_norm < 0 or not 0.0 <= settings.ema_decay < 1.0:
         raise UsageError("clip_norm must be >= 0 and ema_decay in [0, 1)")
     if any(axis not in (0, 1, 2) for axis in settings.flip_axes):
@@ -367,13 +372,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         )
         precision = "bf16" if native_bf16 else "fp32"
     return AUTOCAST_DTYPES.get(precision)
-
-
-def machine_preset(preset: str, device: str) -> str:
-    """``auto``: ``cpu`` where the model would train on the CPU, else ``fast``."""
-    if preset != "auto":
-        return preset
-    return "cpu" if resolve_device(device).type == "cpu" else "fast"
 
 
 def build_network(settings: FlowSettings) -> VelocityUNet:

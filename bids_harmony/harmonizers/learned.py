@@ -17,6 +17,8 @@ from safetensors.numpy import load_file, save_file
 
 from bids_harmony.errors import DataError, UsageError
 from bids_harmony.harmonizers.base import Harmonizer
+from bids_harmony.harmonizers.registry import AUTO_PRESET, MACHINE_PRESET
+from bids_harmony.nn.device import resolve_device
 from bids_harmony.nn.stages import StageResult, run_stage
 from bids_harmony.volume import Volume
 
@@ -40,6 +42,7 @@ STAGES_DIR = "stages"
 #: State-key prefixes of the diagnostics: the monitor's scores per recorded step, the
 #: model-free baselines they are judged against, and whether they were held out.
 MONITOR_PREFIX, BASELINE_PREFIX, HELD_OUT = "monitor.", "baseline.", "monitor_held_out"
+NO_DIAGNOSTICS = "no held-out diagnostics were recorded"
 
 
 class LearnedHarmonizer(Harmonizer):
@@ -77,17 +80,21 @@ class LearnedHarmonizer(Harmonizer):
 
     def diagnostics(self) -> dict[str, dict[str, Any]]:
         """Per sequence: the monitor's history, its baselines, what it scored (held-out or
-        training images), the warnings of :meth:`_diagnose` and ``learned`` (no warning)."""
+        training images), the warnings of :meth:`_diagnose` (or that there is no history)
+        and ``learned`` (no warning)."""
         report = {}
         for sequence, seq_state in self.state_.items():
             diagnostics = read_diagnostics(seq_state)
-            diagnostics["warnings"] = self._diagnose(diagnostics)
+            diagnostics["warnings"] = (
+                self._diagnose(diagnostics) if diagnostics["history"] else [NO_DIAGNOSTICS]
+            )
             diagnostics["learned"] = not diagnostics["warnings"]
             report[sequence] = diagnostics
         return report
 
     def _diagnose(self, diagnostics: dict[str, Any]) -> list[str]:
-        """Warnings for a model whose diagnostics say it learned nothing (none by default)."""
+        """Warnings for a model whose diagnostics (a non-empty history) say it learned
+        nothing; none by default."""
         return []
 
     def _announce(self, steps: int, seconds_per_step: float | None) -> None:
@@ -187,6 +194,13 @@ class BrainBox:
         full = np.zeros(self.grid, dtype=data.dtype)
         full[self.index] = data
         return full
+
+
+def machine_preset(preset: str, device: str) -> str:
+    """``auto``: ``cpu`` where the model would train on the CPU, else ``fast``."""
+    if preset != AUTO_PRESET:
+        return preset
+    return MACHINE_PRESET if resolve_device(device).type == "cpu" else "fast"
 
 
 def resolve_settings(

@@ -16,6 +16,6 @@ from bids_harmony.nn.training import (
 from bids_harmony.nn.unet import VelocityUNet
 
 __all__ = [
-    "Monitor", "TrainingState", "VelocityUNet", "checkpoint_path", "fingerprint", "run_stage", "train",
-    "train_state", "warmup_schedule",
+    "Monitor", "TrainingState", "VelocityUNet", "checkpoint_path", "fingerprint", "run_stage",
+    "train", "train_state", "warmup_schedule",
 ]

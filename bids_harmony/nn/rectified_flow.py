@@ -5,9 +5,10 @@ network predicts, from the state, the time and its condition channels, either th
 ``x1 - x0`` (``prediction='velocity'``, the paper) or the clean image ``x1``
 (``prediction='x1'``), whose velocity is ``(x1_hat - x_t) / (1 - t)``. Predicting ``x1`` spares
 a small network the exact ``-x_t`` path the velocity needs and trains several times faster at
-a small budget; with one Euler step the sample is then ``x1_hat`` itself. Written here rather than taken from MONAI's ``RFlowScheduler``: that scheduler
-works on discrete, reversed timesteps and its ``step`` is an Euler step only, while
-BlindHarmonyDiff integrates continuous time with the midpoint method.
+a small budget; with one Euler step the sample is then ``x1_hat`` itself. Written here
+rather than taken from MONAI's ``RFlowScheduler``: that scheduler works on discrete,
+reversed timesteps and its ``step`` is an Euler step only, while BlindHarmonyDiff
+integrates continuous time with the midpoint method.
 """
 
 from __future__ import annotations
