@@ -46,10 +46,9 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-import nibabel as nb
 import numpy as np
 
-from common import run_cli
+from common import load_scans, run_cli
 
 from bids_harmony.data.demo import DEFAULT_IXI_DIR, SITE_PROFILES, generate_demo_dataset
 from bids_harmony.harmonizers import HARMONIZERS, Harmonizer
@@ -58,7 +57,6 @@ from bids_harmony.metrics import pearson, psnr
 from bids_harmony.metrics.similarity import ssim_components
 
 SUFFIX = "T1w"
-TEMPLATE = "MNI152NLin2009aSym"
 SIMULATED_DOMAINS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "exp": np.exp,
     "log": lambda x: np.log1p(3.0 * x),
@@ -75,21 +73,6 @@ PAPER_SIMULATED = {
 LEARNED = ("blindharmony", "blindharmonydiff")
 #: Benchmark rows that are a learned method's model applied with other settings.
 ABLATIONS = {"blindharmony-noflow": ("blindharmony", {"alpha": 0.0})}
-
-
-def _load_scans(bids: Path, out: Path) -> dict[tuple[str, str], Volume]:
-    """Preprocessed T1w volumes by (subject, site), read from the derivatives."""
-    scans: dict[tuple[str, str], Volume] = {}
-    for sessions_tsv in sorted(bids.glob("sub-*/sub-*_sessions.tsv")):
-        subject = sessions_tsv.parent.name
-        rows = [line.split("\t") for line in sessions_tsv.read_text().splitlines()[1:]]
-        for session, site in rows:
-            anat = out / subject / session / "anat"
-            stem = f"{subject}_{session}_space-{TEMPLATE}"
-            data = nb.load(anat / f"{stem}_desc-preproc_{SUFFIX}.nii.gz").get_fdata()
-            mask = np.asarray(nb.load(anat / f"{stem}_desc-brain_mask.nii.gz").dataobj) > 0
-            scans[(subject, site.strip())] = Volume(data.astype(np.float32), mask)
-    return scans
 
 
 def _simulated_source(volume: Volume, transform: Callable[[np.ndarray], np.ndarray]) -> Volume:
@@ -178,7 +161,7 @@ def main() -> None:
                               sequences=[SUFFIX])
     preprocessing = run_cli(bids, out, "participant", "--resolution", "2", "--nprocs", args.nprocs,
                          "--work-dir", args.work / "work")
-    scans = _load_scans(bids, out)
+    scans = load_scans(bids, out, SUFFIX)
     target = SITE_PROFILES[0].label
     subjects = sorted({subject for subject, _ in scans})
     train, held_out = subjects[:args.train_subjects], subjects[args.train_subjects:]

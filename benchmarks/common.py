@@ -6,6 +6,16 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+
+from bids_harmony.volume import EDGES, Volume, load_volume
+
+#: The template the CLI registers to offline (the bundled one; TemplateFlow's 2009c when
+#: available).
+TEMPLATE = "MNI152NLin2009aSym"
 
 
 def run_cli(*args: object) -> float:
@@ -16,3 +26,33 @@ def run_cli(*args: object) -> float:
     if result.returncode != 0:
         sys.exit(f"bids_harmony {' '.join(map(str, args[2:]))} failed:\n{result.stderr[-3000:]}")
     return time.perf_counter() - start
+
+
+def load_scans(bids: Path, out: Path, suffix: str = "T1w", template: str = TEMPLATE,
+               with_maps: bool = False) -> dict[tuple[str, str], Volume]:
+    """Preprocessed ``suffix`` volumes by (subject, site), read from the derivatives (the
+    sites from each subject's ``sessions.tsv``).
+
+    ``with_maps`` reads them as the group level does (the header's voxel spacing and the
+    pipeline's Canny edge map as the :data:`EDGES` channel); without it, data and brain mask
+    only, at the nominal 1 mm spacing: the volumes the older benchmarks scored.
+    """
+    desc = "brain" if suffix == "T1w" else f"brain{suffix}"
+    scans: dict[tuple[str, str], Volume] = {}
+    for sessions_tsv in sorted(bids.glob("sub-*/sub-*_sessions.tsv")):
+        subject = sessions_tsv.parent.name
+        rows = [line.split("\t") for line in sessions_tsv.read_text().splitlines()[1:]]
+        for session, site in (row[:2] for row in rows):
+            anat = out / subject / session / "anat"
+            stem = f"{subject}_{session}_space-{template}"
+            data_path = anat / f"{stem}_desc-preproc_{suffix}.nii.gz"
+            mask_path = anat / f"{stem}_desc-{desc}_mask.nii.gz"
+            if with_maps:
+                edges = anat / f"{stem}_desc-{desc.replace('brain', 'edges')}_mask.nii.gz"
+                scans[(subject, site.strip())] = load_volume(data_path, mask_path,
+                                                             {EDGES: edges})
+                continue
+            data = nb.load(data_path).get_fdata()
+            mask = np.asarray(nb.load(mask_path).dataobj) > 0
+            scans[(subject, site.strip())] = Volume(data.astype(np.float32), mask)
+    return scans

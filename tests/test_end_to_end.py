@@ -210,12 +210,15 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 SHORT_RUNS = {
     "blindharmony": {"steps": 10, "iterations": 2},
     "blindharmonydiff": {"steps": 20, "sampling_steps": 2, "refinement_steps": 2},
+    "sgcd": {"stage1_steps": 10},
 }
+#: The setting that counts a method's (first-stage) training steps.
+STEPS = {"blindharmony": "steps", "blindharmonydiff": "steps", "sgcd": "stage1_steps"}
 
 
-@pytest.mark.parametrize("method", ["blindharmony", "blindharmonydiff"])
-def test_blind_method_trains_and_applies_through_the_cli(demo_run: dict, method: str) -> None:
-    """A blind model trains on the target site at the group level (tiny preset, shortened
+@pytest.mark.parametrize("method", ["blindharmony", "blindharmonydiff", "sgcd"])
+def test_learned_method_trains_and_applies_through_the_cli(demo_run: dict, method: str) -> None:
+    """A learned model trains at the group level (tiny preset, shortened
     further with --harmonizer-param), then the participant level harmonizes with it and
     replaces the earlier histmatch outputs."""
     out, bids = demo_run["out"], demo_run["bids"]
@@ -233,7 +236,7 @@ def test_blind_method_trains_and_applies_through_the_cli(demo_run: dict, method:
     assert (model / "model.safetensors").is_file() and (model / "loss_T1w.png").is_file()
     diagnostics = card["diagnostics"]["T1w"]  # 2 target heads: none can be held out
     assert diagnostics["scored_on"] == "training" and diagnostics["history"][-1]["step"] == \
-        shorter["steps"]
+        shorter[STEPS[method]]
     report = (out / "group_report.html").read_text()
     assert "Model diagnostics" in report
     assert diagnostics["learned"] or 'class="warning"' in report

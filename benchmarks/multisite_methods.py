@@ -1,0 +1,489 @@
+"""SGCD against source, histogram matching and z-scoring, trained on several sites' scans.
+
+The multi-site setting (every method sees every site's scans), not the blind one.
+
+1. Generates a traveling-subject dataset (every head "scanned" at every simulated site) and
+   preprocesses it once through the CLI (participant level, 2 mm, resumable with ``--work``):
+   ``--part ixi`` is 7 real IXI heads x 3 sites, T1w; ``--part demo`` the MNI demo, 6
+   subjects x 3 sites, T1w and T2w; ``--part all`` both.
+2. Every method trains on all scans (every site, every sequence) of the first 4 heads, with
+   target site SiemensTrio3T (one joint model over both sequences in the demo part); the
+   other heads are held out.
+3. Each held-out head's source-site scans are harmonized and scored against the same head's
+   target-site scan: SSIM, PSNR and PCC inside both brain masks, the 1-D Wasserstein
+   distance (WD) between the brain intensities of the harmonized and the target scan, and
+   SSIM's structure term against the source (anatomy kept).
+4. **Between-site WD**: for each held-out head, the mean pairwise WD between the brain
+   intensity distributions of its scans at all sites (each summarised by 1001 quantiles,
+   as the package's site-effect report does); a method row harmonizes every site's scan,
+   the target site's included; the source row takes them untouched.
+5. Rows: source, ``histmatch``, ``zscore``, SGCD stage 1 alone (target ``unified``), SGCD
+   stage 1+2, SGCD with the random-Gram style extractor (does Psi matter?) and stage 1+2
+   at other inference t_stops (``--t-stops``; the trained weights come from the cache).
+
+SGCD trains at ``--preset`` (``cpu`` by default; ``tiny`` for a smoke run). Finished training
+stages are cached under ``--work``/<part>/checkpoints/sgcd, so a rerun with the same data and
+settings does not train again (its training times are then near 0 s). Each SGCD variant
+first fits ``unified`` (timed: stage 1), then the target (timed: stage 2 plus the unified
+images it computes). Rows whose harmonizer is not registered are skipped with a note.
+
+Usage::
+
+    python benchmarks/multisite_methods.py [--part ixi|demo|all] [--preset cpu]
+        [--methods ROW ...] [--skip-sgcd] [--t-stops 50 100 250]
+        [--sgcd-param KEY=VALUE ...] [--work DIR]
+        [--out benchmarks/results]
+
+Writes ``multisite_methods.md`` and ``multisite_methods.csv`` (one row per method x scan
+pair) in ``--out``. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from blind_methods import _scores
+from common import load_scans, run_cli
+
+from bids_harmony.data.demo import DEFAULT_IXI_DIR, SITE_PROFILES, generate_demo_dataset
+from bids_harmony.harmonizers import HARMONIZERS, Harmonizer
+from bids_harmony.metrics import wasserstein
+from bids_harmony.metrics.site_effect import off_diagonal, site_wasserstein_matrix
+from bids_harmony.volume import Volume
+
+TARGET = SITE_PROFILES[0].label
+DATA_SEED = 0
+SGCD = "sgcd"
+PSI_DEFAULT, PSI_RANDOM = "style-contrastive", "random-gram"
+CLASSICAL = ("histmatch", "zscore")
+MEASURES = ("ssim", "psnr", "pcc", "wd_target", "structural_ssim")
+#: The first participant-level call's seconds, in the part's work folder.
+PREPROCESSING_RECORD = "preprocessing_seconds.txt"
+Scans = dict[tuple[str, str], Volume]
+
+
+class SgcdRow(NamedTuple):
+    """An SGCD row's settings: Psi, the fit's target, the inference t_stop (0: trained)."""
+
+    psi: str
+    target: str
+    t_stop: int
+
+
+SGCD_ROWS = {
+    "sgcd-unified": SgcdRow(PSI_DEFAULT, "unified", 0),
+    "sgcd": SgcdRow(PSI_DEFAULT, TARGET, 0),
+    "sgcd-random-gram": SgcdRow(PSI_RANDOM, TARGET, 0),
+}
+
+
+@dataclass(frozen=True)
+class Part:
+    """One dataset of the benchmark."""
+
+    name: str
+    anatomy: str
+    subjects: int
+    train_subjects: int
+    sequences: tuple[str, ...]
+
+
+PARTS = {
+    "ixi": Part("ixi", "ixi", 7, 4, ("T1w",)),
+    "demo": Part("demo", "mni", 6, 4, ("T1w", "T2w")),
+}
+
+
+@dataclass
+class PartResult:
+    """What one part measured: per-pair rows, per-head between-site WD, timings, models."""
+
+    part: Part
+    work: Path
+    preprocessing_s: float
+    grid: tuple[int, ...]
+    train: list[str]
+    held_out: list[str]
+    sites: list[str]
+    pairs: list[dict[str, Any]] = field(default_factory=list)
+    between: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    cards: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _sgcd_row(name: str) -> SgcdRow | None:
+    """The SGCD settings of a row name (``sgcd-t<N>``: the sweep), or None."""
+    if name in SGCD_ROWS:
+        return SGCD_ROWS[name]
+    prefix = "sgcd-t"
+    if name.startswith(prefix) and name[len(prefix):].isdigit():
+        return SgcdRow(PSI_DEFAULT, TARGET, int(name[len(prefix):]))
+    return None
+
+
+def _prepare(part: Part, args: argparse.Namespace) -> tuple[dict[str, Scans], float]:
+    """Generate and preprocess ``part`` (resumable); its scans by sequence, and the CLI's
+    seconds (the first call's are kept in the part's work folder)."""
+    root = args.work / part.name
+    bids, out = root / "bids", root / "out"
+    if not bids.exists():
+        generate_demo_dataset(bids, n_subjects=part.subjects, n_sites=args.sites,
+                              seed=DATA_SEED, anatomy=part.anatomy, ixi_dir=args.ixi_dir,
+                              sequences=list(part.sequences))
+    seconds = run_cli(bids, out, "participant", "--resolution", "2", "--nprocs", args.nprocs,
+                      "--work-dir", root / "work")
+    record = root / PREPROCESSING_RECORD
+    if not record.exists():
+        record.write_text(f"{seconds:.1f}\n")
+    scans = {seq: load_scans(bids, out, seq, with_maps=True) for seq in part.sequences}
+    return scans, seconds
+
+
+def _build(method: str, args: argparse.Namespace, part: Part,
+           t_stop: int = 0, psi: str = PSI_DEFAULT) -> Harmonizer:
+    """A fresh harmonizer of a row: SGCD at ``--preset`` with the part's stage cache."""
+    if method != SGCD:
+        return HARMONIZERS[method]()
+    return HARMONIZERS[SGCD](preset=args.preset,
+                             checkpoint_dir=args.work / part.name / "checkpoints" / SGCD,
+                             **_sgcd_params(args), psi=psi, inference_t_stop=t_stop)
+
+
+def _sgcd_params(args: argparse.Namespace) -> dict[str, Any]:
+    """``--sgcd-param KEY=VALUE`` typed against SGCD's schema at ``--preset`` (psi and
+    inference_t_stop are the rows' own)."""
+    pairs = dict(item.split("=", 1) for item in args.sgcd_param)
+    clash = {"psi", "inference_t_stop"} & set(pairs)
+    if clash:
+        raise SystemExit(f"--sgcd-param {', '.join(sorted(clash))}: set by the rows; pick rows "
+                         "with --methods and the sweep with --t-stops instead")
+    return HARMONIZERS.info(SGCD).parse_params(args.preset, pairs) if pairs else {}
+
+
+def _card(model: Harmonizer) -> dict[str, Any]:
+    """The model card's parameters (device dropped) and diagnostics, if any."""
+    card = model.model_card()
+    params = {k: v for k, v in card.get("parameters", {}).items() if k != "device"}
+    return {"parameters": params, "diagnostics": card.get("diagnostics")}
+
+
+def _evaluate(result: PartResult, method: str, scans: dict[str, Scans],
+              model: Harmonizer | None) -> None:
+    """Harmonize every held-out scan (all sites), score the source-site ones against the
+    head's target scan and the head's between-site WD; append to ``result``."""
+    seconds: list[float] = []
+    for sequence, by_key in scans.items():
+        for subject in result.held_out:
+            outputs: dict[str, np.ndarray] = {}
+            for site in result.sites:
+                volume = by_key[(subject, site)]
+                if model is None:
+                    outputs[site] = volume.data
+                    continue
+                start = time.perf_counter()
+                outputs[site] = model.transform(volume, sequence)
+                seconds.append(time.perf_counter() - start)
+            values = {site: [outputs[site][by_key[(subject, site)].mask]] for site in outputs}
+            between = float(off_diagonal(site_wasserstein_matrix(values)[1]).mean())
+            result.between.append({"method": method, "sequence": sequence, "subject": subject,
+                                   "between_site_wd": between})
+            truth = by_key[(subject, TARGET)]
+            for site in result.sites:
+                if site == TARGET:
+                    continue
+                source = by_key[(subject, site)]
+                scores = _scores(outputs[site], truth, source)
+                scores["wd_target"] = wasserstein(outputs[site][source.mask], truth.brain)
+                result.pairs.append({"part": result.part.name, "sequence": sequence,
+                                     "method": method, "subject": subject, "source_site": site,
+                                     "target_site": TARGET, **scores,
+                                     "between_site_wd": between})
+    if seconds:
+        result.timings.setdefault(method, {})["transform_s"] = float(np.mean(seconds))
+
+
+def _fit(model: Harmonizer, training: list[tuple[Volume, str, str]], target: str) -> float:
+    """Fit on (volume, site, sequence) triples; returns seconds."""
+    volumes, sites, sequences = (list(column) for column in zip(*training))
+    start = time.perf_counter()
+    model.fit(volumes, sites, sequences, target=target)
+    return time.perf_counter() - start
+
+
+def run_part(part: Part, args: argparse.Namespace, methods: list[str]) -> PartResult:
+    """Prepare, train and score one part."""
+    scans, preprocessing = _prepare(part, args)
+    first = scans[part.sequences[0]]
+    subjects = sorted({subject for subject, _ in first})
+    sites = sorted({site for _, site in first}, key=lambda s: (s != TARGET, s))
+    result = PartResult(part, args.work / part.name, preprocessing,
+                        first[(subjects[0], TARGET)].data.shape,
+                        subjects[:part.train_subjects], subjects[part.train_subjects:], sites)
+    training = [(scans[seq][(s, site)], site, seq) for seq in part.sequences
+                for s in result.train for site in sites]
+    print(f"[{part.name}] {len(training)} training images; preprocessing {preprocessing:.0f} s",
+          flush=True)
+    _evaluate(result, "source", scans, None)
+    for method in (m for m in methods if m in CLASSICAL):
+        model = _build(method, args, part)
+        result.timings[method] = {"fit_s": _fit(model, training, TARGET)}
+        _evaluate(result, method, scans, model)
+        print(f"[{part.name}] {method}: done {result.timings[method]}", flush=True)
+    specs = {m: spec for m in methods if (spec := _sgcd_row(m)) is not None}
+    if specs and SGCD not in HARMONIZERS:
+        result.skipped += list(specs)
+        print(f"[{part.name}] '{SGCD}' is not registered; skipping {list(specs)}", flush=True)
+        return result
+    for psi in dict.fromkeys(spec.psi for spec in specs.values()):
+        _run_sgcd_family(result, psi, {m: s for m, s in specs.items() if s.psi == psi},
+                         scans, training, args)
+    return result
+
+
+def _run_sgcd_family(result: PartResult, psi: str, specs: dict[str, SgcdRow],
+                     scans: dict[str, Scans], training: list[tuple[Volume, str, str]],
+                     args: argparse.Namespace) -> None:
+    """One Psi's SGCD rows: fit ``unified`` (stage 1, timed), then the target (stage 2,
+    timed), then the other inference t_stops (weights from the stage cache)."""
+    part, family = result.part, f"sgcd[{psi}]"
+
+    def record(method: str, model: Harmonizer, fit_s: float) -> None:
+        result.timings[method] = {"fit_s": fit_s}
+        result.cards[method] = _card(model)
+        _evaluate(result, method, scans, model)
+        print(f"[{part.name}] {method}: done {result.timings[method]}", flush=True)
+
+    unified = _build(SGCD, args, part, psi=psi)
+    stage1 = _fit(unified, training, "unified")
+    result.timings[family] = {"stage 1": stage1}
+    print(f"[{part.name}] {family} stage 1: {stage1:.1f} s", flush=True)
+    for method in (m for m, spec in specs.items() if spec.target == "unified"):
+        record(method, unified, stage1)
+    del unified
+    targeted = {m: spec for m, spec in specs.items() if spec.target != "unified"}
+    if not targeted:
+        return
+    full = _build(SGCD, args, part, psi=psi)
+    stage2 = _fit(full, training, TARGET)
+    result.timings[family]["stage 2"] = stage2
+    print(f"[{part.name}] {family} stage 2: {stage2:.1f} s", flush=True)
+    for method in (m for m, spec in targeted.items() if spec.t_stop == 0):
+        record(method, full, stage2)
+    del full
+    for method, spec in targeted.items():
+        if spec.t_stop:
+            model = _build(SGCD, args, part, t_stop=spec.t_stop, psi=psi)
+            record(method, model, _fit(model, training, TARGET))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["ixi", "demo", "all"], default="ixi")
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--preset", default="cpu", help="preset of SGCD")
+    parser.add_argument("--t-stops", type=int, nargs="*", default=[50, 100, 250],
+                        help="inference t_stops of the sweep rows sgcd-t<N>")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="rows beside source (default: histmatch zscore sgcd-unified sgcd "
+                             "sgcd-random-gram and sgcd-t<N> for each --t-stops)")
+    parser.add_argument("--skip-sgcd", action="store_true", help="drop every SGCD row")
+    parser.add_argument("--sgcd-param", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="settings of every SGCD row over --preset's (as the CLI's "
+                             "--harmonizer-param), e.g. space_to_channel=2")
+    parser.add_argument("--nprocs", type=int, default=2)
+    parser.add_argument("--ixi-dir", type=Path, default=DEFAULT_IXI_DIR)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bids_harmony_multisite_bench"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    methods = args.methods or [*CLASSICAL, *SGCD_ROWS, *(f"sgcd-t{t}" for t in args.t_stops)]
+    unknown = [m for m in methods if m not in CLASSICAL and _sgcd_row(m) is None]
+    if unknown:
+        parser.error(f"--methods: unknown rows {unknown}; rows are {', '.join(CLASSICAL)}, "
+                     f"{', '.join(SGCD_ROWS)} and sgcd-t<N>")
+    if args.skip_sgcd:
+        methods = [m for m in methods if _sgcd_row(m) is None]
+    for key, value in (("NIPYPE_NO_ET", "1"), ("HF_HUB_OFFLINE", "1"), ("MPLBACKEND", "Agg")):
+        os.environ.setdefault(key, value)
+    args.out.mkdir(parents=True, exist_ok=True)
+    parts = list(PARTS.values()) if args.part == "all" else [PARTS[args.part]]
+    results = [run_part(part, args, methods) for part in parts]
+    _write(args, results)
+
+
+# -- report --------------------------------------------------------------------------------
+def _mean_rows(rows: list[dict[str, Any]], key: str) -> float:
+    return float(np.mean([row[key] for row in rows]))
+
+
+def _machine() -> str:
+    """CPU count and the GPU, if torch sees one."""
+    gpu = "no GPU"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = f"GPU {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    return (f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu}, "
+            f"Python {platform.python_version()}")
+
+
+def _write(args: argparse.Namespace, results: list[PartResult]) -> None:
+    columns = ["part", "sequence", "method", "subject", "source_site", "target_site",
+               *MEASURES, "between_site_wd"]
+    with (args.out / "multisite_methods.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for result in results:
+            writer.writerows(result.pairs)
+    lines = [
+        "# Multi-site harmonizers: SGCD against source, histogram matching and z-scoring",
+        "",
+        f"{date.today().isoformat()}; {_machine()}. Seeds: data {DATA_SEED} "
+        "(`generate_demo_dataset`), preprocessing the CLI's default `--seed`, SGCD its "
+        f"preset's `seed` (below). Target site {TARGET}; SGCD preset `{args.preset}`"
+        f"{' with ' + ' '.join(args.sgcd_param) if args.sgcd_param else ''}, "
+        f"t_stop sweep {args.t_stops} at inference (0 = the trained t_stop). Every method "
+        "trains on all scans (every site and sequence) of the training heads and is scored "
+        "on the held-out heads' source-site scans against the same head's target scan.",
+        "",
+        "Measures: SSIM / PSNR (dB) / PCC against the target scan inside both brain masks; "
+        "WD = 1-D Wasserstein distance between the brain intensities of the harmonized and "
+        "the target scan; structural SSIM = SSIM's structure term against the source scan; "
+        "between-site WD = per held-out head, the mean pairwise WD between its scans at all "
+        "sites (1001 quantiles each, `site_wasserstein_matrix`), every scan harmonized "
+        "(the target site's too) except in the source row. Histogram matching maps every "
+        "scan's brain quantiles onto one reference, so its between-site WD is ~0 by "
+        "construction; compare the learned rows with source and zscore there.",
+    ]
+    for result in results:
+        lines += _part_section(result)
+    (args.out / "multisite_methods.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _part_section(result: PartResult) -> list[str]:
+    part = result.part
+    joint = f", one joint model over {' and '.join(part.sequences)}" if len(
+        part.sequences) > 1 else ""
+    record = result.work / PREPROCESSING_RECORD
+    first = f"{float(record.read_text()):.0f}" if record.exists() else "?"
+    lines = [
+        "",
+        f"## {part.name}: {part.anatomy.upper()} anatomy, {', '.join(part.sequences)}",
+        "",
+        f"{len(result.train) + len(result.held_out)} heads x {len(result.sites)} sites "
+        f"({', '.join(result.sites)}), preprocessed by the CLI at 2 mm (grid {result.grid}; "
+        f"participant level {first} s on the first call, {result.preprocessing_s:.0f} s in "
+        f"this run, which resumes complete outputs). Training: {', '.join(result.train)} "
+        f"({len(result.train) * len(result.sites) * len(part.sequences)} images{joint}); "
+        f"held out: {', '.join(result.held_out)}.",
+    ]
+    if result.skipped:
+        lines += ["", f"Skipped (harmonizer `{SGCD}` not registered): "
+                      + ", ".join(f"`{m}`" for m in result.skipped) + "."]
+    lines += _timing_lines(result)
+    methods = list(dict.fromkeys(row["method"] for row in result.pairs))
+    for sequence in part.sequences:
+        rows = [r for r in result.pairs if r["sequence"] == sequence]
+        lines += _sequence_tables(result, sequence, rows, methods)
+    lines += _card_lines(result)
+    return lines
+
+
+def _timing_lines(result: PartResult) -> list[str]:
+    lines = ["", "Training wall time and inference time per 2 mm volume (a training time near "
+             "0 s means the stage cache held an identical earlier run's weights):", ""]
+    for name, timing in result.timings.items():
+        if name.startswith("sgcd["):
+            stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timing.items())
+            lines.append(f"- `{name}` training: {stages}")
+    for name, timing in result.timings.items():
+        if name.startswith("sgcd["):
+            continue
+        fit = f"fit {timing['fit_s']:.1f} s" if "fit_s" in timing else "no fit"
+        lines.append(f"- `{name}`: {fit}, {timing.get('transform_s', 0.0):.2f} s per volume")
+    return lines
+
+
+def _sequence_tables(result: PartResult, sequence: str, rows: list[dict[str, Any]],
+                     methods: list[str]) -> list[str]:
+    sources = [s for s in result.sites if s != TARGET]
+    means = {(m, s): {k: _mean_rows([r for r in rows if r["method"] == m
+                                     and r["source_site"] == s], k) for k in MEASURES}
+             for m in methods for s in sources}
+    lines = ["", f"### {sequence}: vs the same head at {TARGET} (means over "
+             f"{len(result.held_out)} held-out heads)", "",
+             "| method | source site | SSIM | PSNR | PCC | WD to target | structural SSIM |",
+             "|---|---|---|---|---|---|---|"]
+    for method in methods:
+        for site in sources:
+            v = means[(method, site)]
+            lines.append(f"| {method} | {site} | {v['ssim']:.3f} | {v['psnr']:.2f} | "
+                         f"{v['pcc']:.3f} | {v['wd_target']:.3g} | {v['structural_ssim']:.3f} |")
+    between = [r for r in result.between if r["sequence"] == sequence]
+    source_between = _mean_rows([r for r in between if r["method"] == "source"],
+                                "between_site_wd")
+    lines += ["", f"Between-site WD of the held-out heads ({sequence}; lower is more "
+              "harmonized):", "",
+              "| method | mean | " + " | ".join(result.held_out) + " | below source |",
+              "|---|---|" + "---|" * len(result.held_out) + "---|"]
+    for method in methods:
+        mine = {r["subject"]: r["between_site_wd"] for r in between if r["method"] == method}
+        mean = float(np.mean(list(mine.values())))
+        below = "—" if method == "source" else ("yes" if mean < source_between else "no")
+        lines.append(f"| {method} | {mean:.3g} | "
+                     + " | ".join(f"{mine[s]:.3g}" for s in result.held_out) + f" | {below} |")
+    lines += ["", f"Mean PSNR gain over the source (dB), per source site ({sequence}):", ""]
+    for method in methods[1:]:
+        lines.append(f"- `{method}`: " + ", ".join(
+            f"{s} {means[(method, s)]['psnr'] - means[('source', s)]['psnr']:+.2f}"
+            for s in sources))
+    sgcd_rows = [m for m in methods if _sgcd_row(m) is not None]
+    baselines = [m for m in ("source", *CLASSICAL) if m in methods]
+    if sgcd_rows:
+        lines += ["", f"Does SGCD beat the baselines ({sequence})? Per source site, PSNR higher "
+                  "/ WD to target lower than the baseline's mean:", "",
+                  "| row | source site | " + " | ".join(f"vs {b} PSNR | WD" for b in baselines)
+                  + " |", "|---|---|" + "---|---|" * len(baselines)]
+        for method in sgcd_rows:
+            for site in sources:
+                mine = means[(method, site)]
+                cells = []
+                for base in baselines:
+                    other = means[(base, site)]
+                    cells.append(f"{'yes' if mine['psnr'] > other['psnr'] else 'no'} "
+                                 f"({mine['psnr'] - other['psnr']:+.2f}) | "
+                                 f"{'yes' if mine['wd_target'] < other['wd_target'] else 'no'}")
+                lines.append(f"| {method} | {site} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _card_lines(result: PartResult) -> list[str]:
+    if not result.cards:
+        return []
+    lines = ["", f"### SGCD model cards ({result.part.name})", ""]
+    for method, card in result.cards.items():
+        lines += [f"`{method}` parameters: `{json.dumps(card['parameters'], default=str)}`", ""]
+        if card["diagnostics"] is not None:
+            lines += [f"<details><summary><code>{method}</code> diagnostics</summary>", "",
+                      "```json", json.dumps(card["diagnostics"], indent=1, default=str), "```",
+                      "", "</details>", ""]
+    return lines
+
+
+if __name__ == "__main__":
+    main()
