@@ -44,6 +44,8 @@ TEST_PARAMS: dict[str, dict] = {
         "preset": "tiny", "base_channels": 4, "multipliers": (1, 2), "patch_size": 8,
         "batch_size": 1, "steps": 2, "sampling_steps": 1, "refinement_steps": 1,
     },
+    # The 12-voxel side of this grid is no multiple of tiny's 4x4x4 blocks times 2 levels.
+    "sgcd": {"preset": "tiny", "space_to_channel": 1, "stage1_steps": 4},
 }
 QUANTILE_LEVELS = np.linspace(0.0, 1.0, 1001)
 
