@@ -83,6 +83,8 @@ class RunConfig:
     omp_nthreads: int = 1
     mem_gb: float | None = None
     skip_bids_validation: bool = False
+    skip_image_checks: bool = False
+    keep_flagged: bool = False
     resume: bool = True
     seed: int = 42
     verbose: int = 0

@@ -21,6 +21,7 @@ class ExitCode(IntEnum):
     DATA_ERROR = 65
     INPUT_MISSING = 66
     CANNOT_CREATE_OUTPUT = 73
+    IO_ERROR = 74
 
 
 class HarmonyError(Exception):
@@ -65,9 +66,44 @@ class OutputError(HarmonyError):
     exit_code = ExitCode.CANNOT_CREATE_OUTPUT
 
 
+class IOFailureError(HarmonyError):
+    """Reading or writing a file failed at the operating-system level (disk full, I/O)."""
+
+    exit_code = ExitCode.IO_ERROR
+
+
 class TemplateNotFoundError(InputMissingError):
     """A requested template is neither in the local TemplateFlow home nor downloadable."""
 
 
 class NotFittedError(HarmonyError):
     """A harmonizer was asked to transform or save before it was fitted."""
+
+
+def error_class(name: str) -> type[HarmonyError] | None:
+    """The error class called ``name`` (as a crash file prints it), or ``None``."""
+    pending: list[type[HarmonyError]] = [HarmonyError]
+    while pending:
+        cls = pending.pop()
+        if cls.__name__ == name:
+            return cls
+        pending.extend(cls.__subclasses__())
+    return None
+
+
+def from_os_error(error: OSError, doing: str) -> HarmonyError:
+    """One line for an ``OSError`` met while ``doing`` something: a full disk (or quota, or
+    file-size limit) or a denied write cannot create output (73), anything else is an I/O
+    failure (74)."""
+    import errno
+
+    where = f" {error.filename}" if error.filename else ""
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return OutputError(f"{doing}: no space left on{where or ' the output device'} "
+                           f"({reason}); free space or choose another output/work folder")
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputError(f"{doing}: cannot write{where} ({reason}); fix its permissions "
+                           "or choose another folder")
+    return IOFailureError(f"{doing}: I/O error on{where or ' a file'} ({reason}); check the "
+                          "disk and rerun (finished images are kept)")

@@ -11,18 +11,78 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import socket
+import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 
+#: Partial files and folders carry their writer (host and process), so a later run can tell
+#: a dead writer's leftovers from a parallel job's work in progress.
+_PARTIAL = re.compile(r"^\..+\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.partial")
+#: Leftovers of another host (whose processes cannot be asked) are removed after a day.
+STALE_AFTER_S = 24 * 3600
+
+
+def writer_tag() -> str:
+    """``<host>.<pid>.<random>``: who writes a partial file or staging folder."""
+    host = socket.gethostname().split(".")[0].replace(".", "-") or "host"
+    return f"{host}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+
+
 def _partial_name(path: Path) -> Path:
     """A hidden sibling of ``path`` that keeps its extension (writers pick formats by it)."""
     suffixes = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial{suffixes}")
+    return path.with_name(f".{path.name}.{writer_tag()}.partial{suffixes}")
+
+
+def is_stale(name: str, mtime: float) -> bool:
+    """Whether a partial file or staging entry called ``name`` was left by a dead writer: a
+    process of this host that no longer runs, or anyone's a day ago."""
+    match = _PARTIAL.match(name) or re.match(r"^(?P<host>[^.]+)\.(?P<pid>\d+)\.[0-9a-f]{8}$",
+                                              name)
+    if match is None:
+        return False
+    if time.time() - mtime > STALE_AFTER_S:
+        return True
+    if match["host"] != socket.gethostname().split(".")[0]:
+        return False
+    try:
+        os.kill(int(match["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def remove_stale_partials(root: Path, skip: Sequence[Path] = ()) -> list[Path]:
+    """Remove what killed writers left under ``root`` (not under ``skip``): partial files,
+    staging folders. A SIGKILL runs no ``finally``; this is the clean-up it could not do."""
+    removed = []
+    skipped = {Path(p).resolve() for p in skip}
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        dirs[:] = [d for d in dirs if (here / d).resolve() not in skipped]
+        for name in [*files, *dirs]:
+            path = here / name
+            try:
+                stale = is_stale(name, path.lstat().st_mtime)
+            except FileNotFoundError:
+                continue
+            if stale:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                    dirs[:] = [d for d in dirs if d != name]
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 @contextmanager
@@ -48,12 +108,12 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+    staging = path.with_name(f".{path.name}.{writer_tag()}.partial")
     staging.mkdir()
     try:
         yield staging
         if path.exists():
-            retired = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
+            retired = path.with_name(f".{path.name}.{writer_tag()}.partial")
             os.replace(path, retired)
             os.replace(staging, path)
             shutil.rmtree(retired, ignore_errors=True)
@@ -124,3 +184,30 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@contextmanager
+def file_locks(paths: Sequence[Path],
+               on_wait: Callable[[Path], None] | None = None) -> Iterator[None]:
+    """Hold exclusive POSIX locks on ``paths`` (created when missing), taken in sorted order
+    so that two jobs wanting overlapping sets cannot deadlock; ``on_wait(path)`` is called
+    before blocking on one another job holds. ``lockf`` locks also hold across hosts on NFS
+    with a lock daemon; they go when the process dies, even by SIGKILL."""
+    import fcntl
+
+    handles = []
+    try:
+        for path in sorted({Path(p) for p in paths}):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a+")  # noqa: SIM115 (closed in finally)
+            handles.append(handle)
+            try:
+                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                if on_wait is not None:
+                    on_wait(path)
+                fcntl.lockf(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        for handle in reversed(handles):
+            handle.close()

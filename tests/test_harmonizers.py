@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from phantoms import render
 
-from bids_harmony.errors import DataError, NotFittedError
+from bids_harmony.errors import DataError, NotFittedError, UsageError
 from bids_harmony.harmonizers import HARMONIZERS, Harmonizer
 from bids_harmony.harmonizers.base import (
     REFERENCE_QUANTILES,
@@ -199,8 +199,20 @@ def test_model_card_and_state_file(name: str, training, fitted, tmp_path: Path) 
 def test_loading_with_wrong_method_raises(name: str, fitted, tmp_path: Path) -> None:
     directory = fitted(name).save(tmp_path / name)
     other = HARMONIZERS["histmatch" if name == "zscore" else "zscore"]
-    with pytest.raises(DataError, match=f"holds a '{name}' model"):
+    with pytest.raises(UsageError, match=f"holds a '{name}' model"):
         other.load(directory)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "edited"])
+def test_a_damaged_state_file_is_refused_on_load(damage: str, fitted, tmp_path: Path) -> None:
+    harmonizer = fitted("zscore")
+    directory = harmonizer.save(tmp_path / "zscore")
+    state = directory / harmonizer.state_file
+    content = state.read_bytes()
+    state.write_bytes(content[: len(content) // 2] if damage == "truncated"
+                      else content[:-1] + bytes([content[-1] ^ 1]))
+    with pytest.raises(DataError, match="does not match the SHA-256"):
+        type(harmonizer).load(directory)
 
 
 @pytest.mark.parametrize("name", ALL_METHODS)

@@ -22,6 +22,14 @@ def positive_int(value: str) -> int:
     return number
 
 
+def positive_float(value: str) -> float:
+    """A number greater than 0."""
+    number = float(value)
+    if not number > 0.0:
+        raise argparse.ArgumentTypeError(f"{value} must be greater than 0")
+    return number
+
+
 def ratio(value: str) -> float:
     """A number strictly between 0 and 1."""
     number = float(value)

@@ -36,9 +36,11 @@ ERROR_DESCRIPTIONS: dict[ExitCode, str] = {
     ExitCode.EMPTY_SELECTION: "The participant, session and suffix filters selected no image.",
     ExitCode.USAGE: "Usage error: an invalid or inconsistent command line.",
     ExitCode.DATA_ERROR: "Data error: an image without a site, an unknown target site, "
-                         "an unreadable image.",
+                         "a bad image (all listed at once), a damaged or mismatched model.",
     ExitCode.INPUT_MISSING: "An input file or folder (dataset, site map, model) is missing.",
-    ExitCode.CANNOT_CREATE_OUTPUT: "The output or work directory cannot be created or written.",
+    ExitCode.CANNOT_CREATE_OUTPUT: "The output or work directory cannot be created or written "
+                                   "(no space left, no permission).",
+    ExitCode.IO_ERROR: "An input/output error while reading or writing a file.",
 }
 
 OUTPUT_FILES: list[dict[str, Any]] = [

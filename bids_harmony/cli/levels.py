@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from bids_harmony.bids.derivatives import write_dataset_description
 from bids_harmony.bids.layout import (
     AnatImage,
     build_layout,
+    check_json_files,
     collect_images,
     site_table,
     traveling_subjects,
@@ -19,9 +21,21 @@ from bids_harmony.bids.layout import (
 )
 from bids_harmony.config import RunConfig
 from bids_harmony.data.templates import TemplateFiles, resolve_template
-from bids_harmony.errors import DataError, HarmonyError, InputMissingError, UsageError
-from bids_harmony.fileio import atomic_write_text, write_tsv
-from bids_harmony.harmonizers.base import model_checksum
+from bids_harmony.errors import (
+    DataError,
+    HarmonyError,
+    InputMissingError,
+    UsageError,
+    error_class,
+    from_os_error,
+)
+from bids_harmony.fileio import (
+    atomic_write_text,
+    file_locks,
+    remove_stale_partials,
+    write_tsv,
+)
+from bids_harmony.harmonizers.base import model_checksum, verify_model
 from bids_harmony.workflows.citations import Methods, compose_methods
 
 LOGGER = logging.getLogger("bids_harmony")
@@ -37,18 +51,19 @@ class RunContext:
 
 
 def prepare(config: RunConfig) -> RunContext:
-    """Validate, index, resolve sites and the template; write sites.tsv."""
+    """Clean up after killed runs; validate, index, resolve sites and the template; write
+    the shared files (dataset description, sites.tsv) the same way from every job."""
+    removed = remove_stale_partials(config.output_dir, skip=[config.work_dir])
+    if removed:
+        LOGGER.info("removed %d partial file(s) a killed run left in %s", len(removed),
+                    config.output_dir)
     if not config.skip_bids_validation:
         validate_bids(config.bids_dir)
+    check_json_files(config.bids_dir)
     layout = build_layout(config.bids_dir, config.work_dir)
-    images = collect_images(
-        layout,
-        participants=config.participant_label,
-        sessions=config.session_label,
-        suffixes=config.suffix,
-        site_column=config.site_column,
-        site_map=config.site_map,
-    )
+    selection = {"sessions": config.session_label, "suffixes": config.suffix,
+                 "site_column": config.site_column, "site_map": config.site_map}
+    images = collect_images(layout, participants=config.participant_label, **selection)
     known_sites = sorted({image.site for image in images})
     if config.target_site not in ("auto", "unified", *known_sites):
         raise DataError(
@@ -57,7 +72,9 @@ def prepare(config: RunConfig) -> RunContext:
         )
     template = resolve_template(config.template, config.resolution, config.work_dir)
     write_dataset_description(config.output_dir, config.bids_dir)
-    _write_sites(config.output_dir, images)
+    dataset = (collect_images(layout, skip_unresolved=True, **selection)
+               if config.participant_label else images)
+    _write_sites(config.output_dir, dataset, images)
     return RunContext(images, template)
 
 
@@ -73,6 +90,7 @@ def run_participant(config: RunConfig) -> None:
             config.method,
         )
     else:
+        verify_model(model_dir, config.method, sorted({im.suffix for im in context.images}))
         LOGGER.info("harmonizing with the model in %s", model_dir)
     description = preprocess(config, context, model_dir)
     write_citation(config.output_dir, compose_methods([description]))
@@ -98,23 +116,37 @@ def run_group(config: RunConfig) -> None:
 
 def preprocess(config: RunConfig, context: RunContext, model_dir: Path | None) -> str:
     """Run the Nipype workflow on the images whose outputs are not all there yet; return
-    its methods text (that of every image when all are complete)."""
+    its methods text (that of every image when all are complete).
+
+    Each image is locked for the run (``WORK_DIR/locks``): two jobs given the same image (a
+    SLURM array with overlapping selections, a group run during participant runs) take
+    turns, and the second finds the first one's outputs complete. Only images still to do
+    are checked (:func:`~bids_harmony.imaging.checks.check_images`), so a rerun is cheap.
+    """
+    from bids_harmony.imaging.checks import check_images
     from bids_harmony.workflows.base import expected_outputs, init_bids_harmony_wf
 
     checksum = model_checksum(model_dir) if model_dir is not None else None
-    todo = [
-        image for image in context.images
-        if not (config.resume and _is_complete(
-            expected_outputs(config, image, context.template, model_dir is not None), checksum
-        ))
-    ]
-    skipped = len(context.images) - len(todo)
-    if skipped:
-        LOGGER.info("resuming: %d of %d images already complete", skipped, len(context.images))
-    selected = _with_session_references(todo, context.images) if todo else context.images
-    workflow = init_bids_harmony_wf(config, selected, context.template, model_dir)
-    if todo:
-        _run_workflow(workflow, config)
+    locks = [config.work_dir / "locks" / f"{image.key}.lock" for image in context.images]
+    with file_locks(locks, on_wait=lambda path: LOGGER.warning(
+            "waiting for another job that processes %s", path.stem)):
+        todo = [
+            image for image in context.images
+            if not (config.resume and _is_complete(
+                expected_outputs(config, image, context.template, model_dir is not None),
+                checksum,
+            ))
+        ]
+        skipped = len(context.images) - len(todo)
+        if skipped:
+            LOGGER.info("resuming: %d of %d images already complete", skipped,
+                        len(context.images))
+        if todo and not config.skip_image_checks:
+            check_images([image.path for image in todo])
+        selected = _with_session_references(todo, context.images) if todo else context.images
+        workflow = init_bids_harmony_wf(config, selected, context.template, model_dir)
+        if todo:
+            _run_workflow(workflow, config, selected)
     return workflow.visit_desc()
 
 
@@ -170,7 +202,7 @@ def _with_session_references(todo: Sequence[AnatImage],
     return selected
 
 
-def _run_workflow(workflow: object, config: RunConfig) -> None:
+def _run_workflow(workflow: object, config: RunConfig, images: Sequence[AnatImage]) -> None:
     """Run with MultiProc when more than one process is allowed; summarise failures."""
     config.log_dir.mkdir(parents=True, exist_ok=True)
     workflow.config["execution"].update({  # type: ignore[attr-defined]
@@ -186,29 +218,64 @@ def _run_workflow(workflow: object, config: RunConfig) -> None:
     plugin = "MultiProc" if config.nprocs > 1 else "Linear"
     try:
         workflow.run(plugin=plugin, plugin_args=plugin_args)  # type: ignore[attr-defined]
-    except RuntimeError as error:
-        raise HarmonyError(_first_crash_message(config.log_dir) or str(error)) from None
+    except OSError as error:
+        raise from_os_error(error, "the workflow stopped") from None
+    except Exception as error:  # noqa: BLE001 (Nipype raises RuntimeError, or its own)
+        raise crash_error(config.log_dir, images) or HarmonyError(
+            f"the workflow stopped: {type(error).__name__}: {str(error).splitlines()[0]}"
+        ) from None
 
 
-def _first_crash_message(log_dir: Path) -> str | None:
-    """The last line of the first crash file: usually our one-line error."""
+def crash_error(log_dir: Path, images: Sequence[AnatImage]) -> HarmonyError | None:
+    """The error of the first crash file, as our own class with its exit code and the raw
+    image of the failed node named: a ``DataError`` raised in a node still exits 65, a full
+    disk 73, and the console shows one line (the crash file keeps the traceback)."""
     crashes = sorted(log_dir.glob("crash-*.txt"))
     if not crashes:
         return None
-    lines = [line.strip() for line in crashes[0].read_text().splitlines() if line.strip()]
-    errors = [line for line in lines if "Error" in line.split(":")[0]]
-    detail = errors[-1] if errors else lines[-1]
-    return f"{len(crashes)} step(s) failed; first: {detail} (details: {crashes[0]})"
+    text = crashes[0].read_text(errors="replace")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    node = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Node:")),
+                crashes[0].name)
+    exception = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    detail = exception[-1] if exception else lines[-1]
+    name, _, message = detail.partition(":")
+    image = next((im for im in images if f"_{_node_key(im)}." in f"_{node}."
+                  or node.endswith(_node_key(im))), None)
+    where = f"{image.path}: " if image is not None and str(image.path) not in message else ""
+    summary = (f"{where}{message.strip() or name} (step {node}; {len(crashes)} step(s) failed; "
+               f"details: {crashes[0]})")
+    cls = error_class(name.rsplit(".", 1)[-1].strip())
+    if cls is not None:
+        return cls(summary)
+    errno_match = re.search(r"\[Errno (\d+)\]", detail)
+    if errno_match:
+        return from_os_error(OSError(int(errno_match.group(1)), message.strip()),
+                             f"{where}step {node} failed (details: {crashes[0]})")
+    return HarmonyError(f"{where}{name.strip()}: {message.strip()} (step {node}; "
+                        f"{len(crashes)} step(s) failed; details: {crashes[0]})")
 
 
-def _write_sites(output_dir: Path, images: Sequence[AnatImage]) -> None:
-    """Print and write OUTPUT_DIR/sites.tsv; list traveling subjects."""
-    rows = site_table(images)
-    write_tsv(output_dir / "sites.tsv", rows, ["site", "suffix", "count", "found_in"])
-    for row in rows:
+#: ``module.ErrorName: message``, the last line of a Python traceback.
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*)(Error|Exception|Exit|Interrupt)\b:?")
+
+
+def _node_key(image: AnatImage) -> str:
+    """The image part of its Nipype node names (see ``workflows.base._workflow_name``)."""
+    return "".join(c if c.isalnum() else "_" for c in image.key)
+
+
+def _write_sites(output_dir: Path, dataset: Sequence[AnatImage],
+                 selected: Sequence[AnatImage]) -> None:
+    """Write OUTPUT_DIR/sites.tsv for the whole dataset (so that every job of an array
+    writes the same file, whichever participants it was given); log the selection's sites
+    and traveling subjects."""
+    write_tsv(output_dir / "sites.tsv", site_table(dataset),
+              ["site", "suffix", "count", "found_in"])
+    for row in site_table(selected):
         LOGGER.info("site %-24s %-6s %3d images (from %s)", row["site"], row["suffix"],
                     row["count"], row["found_in"])
-    travelers = traveling_subjects(images)
+    travelers = traveling_subjects(selected)
     if travelers:
         LOGGER.info("traveling subjects (same participant, several sites): %s",
                     ", ".join(f"sub-{s} ({'/'.join(v)})" for s, v in travelers.items()))

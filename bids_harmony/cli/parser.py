@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from bids_harmony import __version__
-from bids_harmony.cli.argtypes import device, key_value, positive_int, ratio
+from bids_harmony.cli.argtypes import device, key_value, positive_float, positive_int, ratio
 from bids_harmony.errors import ExitCode, UsageError
 from bids_harmony.harmonizers.registry import HARMONIZERS, HarmonizerRegistry
 
@@ -93,6 +93,14 @@ def build_parser(file_values: Mapping[str, Any] | None = None,
                              "suffix found)")
     select.add_argument("--skip-bids-validation", action="store_true",
                         help="do not validate the input dataset")
+    select.add_argument("--skip-image-checks", action="store_true",
+                        help="do not check the selected images (readable, 3D, finite, sane "
+                             "affine and voxel size, a head-sized field of view) before "
+                             "processing (experts only)")
+    select.add_argument("--keep-flagged", action="store_true",
+                        help="let the group level fit on images whose preprocessing was "
+                             "flagged (failed registration, not brain-like); default: leave "
+                             "them out")
 
     sites = parser.add_argument_group("sites")
     sites.add_argument("--site-column", default="site",
@@ -156,7 +164,8 @@ def build_parser(file_values: Mapping[str, Any] | None = None,
                       help="parallel processes (default: %(default)s)")
     perf.add_argument("--omp-nthreads", type=positive_int, default=1,
                       help="threads per process for registration (default: %(default)s)")
-    perf.add_argument("--mem-gb", type=float, default=None, help="memory limit in GB")
+    perf.add_argument("--mem-gb", type=positive_float, default=None,
+                      help="memory limit in GB")
     perf.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                       help="skip images whose outputs already exist (default: on)")
     perf.add_argument("-v", "--verbose", action="count", default=0,

@@ -21,6 +21,7 @@ from bids_harmony.errors import (
     InputMissingError,
     OutputError,
     UsageError,
+    from_os_error,
 )
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from bids_harmony.cli.parser import build_parser
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    config: RunConfig | None = None
     try:
         config_file = _config_file(argv)
         file_values = _config_file_values(config_file) if config_file else {}
@@ -58,7 +60,32 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bids_harmony: interrupted; rerun the same command to resume", file=sys.stderr)
         return int(ExitCode.FAILURE)
+    except OSError as error:
+        mapped = from_os_error(error, "the run stopped")
+        print(f"bids_harmony: error: {mapped}{_crash_note(config)}", file=sys.stderr)
+        return int(mapped.exit_code)
+    except Exception as error:  # noqa: BLE001 (the boundary: one line, details in a file)
+        print(f"bids_harmony: error: unexpected {type(error).__name__}: "
+              f"{str(error).splitlines()[0] if str(error) else 'no message'}"
+              f"{_crash_note(config)}", file=sys.stderr)
+        return int(ExitCode.FAILURE)
     return int(ExitCode.OK)
+
+
+def _crash_note(config: RunConfig | None) -> str:
+    """Write the traceback being handled to the run's log folder (before there is one, the
+    temporary folder); say where it went."""
+    import tempfile
+    import traceback
+
+    folder = config.log_dir if config is not None else Path(tempfile.gettempdir())
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"crash-bids_harmony-{os.getpid()}.txt"
+        path.write_text(traceback.format_exc())
+    except OSError:
+        return ""
+    return f" (details: {path})"
 
 
 def _config_file(argv: list[str]) -> str | None:
@@ -111,6 +138,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     from bids_harmony.config import AnalysisLevel, Registration, RunConfig, SkullStripped
 
     params = _checked_harmonizer_params(args)
+    _check_device(args.device)
     bids_dir = Path(args.bids_dir).resolve()
     output_dir = Path(args.output_dir).resolve()
     if not bids_dir.is_dir():
@@ -166,10 +194,27 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         omp_nthreads=args.omp_nthreads,
         mem_gb=args.mem_gb,
         skip_bids_validation=args.skip_bids_validation,
+        skip_image_checks=args.skip_image_checks,
+        keep_flagged=args.keep_flagged,
         resume=args.resume,
         seed=args.seed,
         verbose=args.verbose,
     )
+
+
+def _check_device(device: str) -> None:
+    """``--device cuda[:N]`` needs that GPU now, not after preprocessing (torch is imported
+    only when a GPU is asked for, so CPU runs start fast)."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    index = int(device.partition(":")[2] or 0)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= count:
+        seen = f"{count} CUDA device(s)" if count else "no CUDA device"
+        raise UsageError(f"--device {device}: torch {torch.__version__} sees {seen}; use "
+                         "--device auto or cpu, or run on a machine with that GPU")
 
 
 def _strip(label: str, prefix: str) -> str:
@@ -187,7 +232,18 @@ def _setup_logging(verbose: int, log_dir: Path) -> None:
     LOGGER.handlers[:] = [handler, file_handler]
     LOGGER.setLevel(logging.DEBUG)
     handler.setLevel(level)
-    logging.getLogger("nipype.workflow").setLevel(logging.INFO if verbose else logging.WARNING)
+    nipype_logger = logging.getLogger("nipype.workflow")
+    nipype_logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    nipype_logger.filters[:] = [_first_line_only]
+
+
+def _first_line_only(record: logging.LogRecord) -> bool:
+    """Keep Nipype's crash reports to their first line on the console: the traceback is in
+    the crash file that line names, and our own summary follows."""
+    message = record.getMessage()
+    if "\n" in message:
+        record.msg, record.args = message.splitlines()[0], ()
+    return True
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from bids_harmony import __version__
-from bids_harmony.errors import DataError, InputMissingError, NotFittedError
+from bids_harmony.errors import DataError, InputMissingError, NotFittedError, UsageError
 from bids_harmony.fileio import atomic_directory, sha256_file
 from bids_harmony.volume import Volume
 
@@ -172,15 +172,8 @@ class Harmonizer(ABC):
     def load(cls: type[H], directory: str | os.PathLike[str]) -> H:
         """Rebuild a fitted harmonizer from ``save``'s output (no pickle involved)."""
         directory = Path(directory)
-        card = read_model_card(directory)
-        if card["method"] != cls.name:
-            raise DataError(
-                f"{directory / MODEL_CARD} holds a '{card['method']}' model, not '{cls.name}'; "
-                f"pass --method {card['method']} or another --model"
-            )
+        card = verify_model(directory, cls.name)
         state_path = directory / cls.state_file
-        if not state_path.is_file():
-            raise InputMissingError(f"{state_path} not found; refit the model at the group level")
         state: dict[str, dict[str, np.ndarray]] = {}
         for key, value in cls._read_state(state_path).items():
             owner, name = key.split("/", 1)
@@ -266,7 +259,46 @@ def read_model_card(directory: Path) -> dict[str, Any]:
         raise InputMissingError(
             f"{card_path} not found; fit a model with the group level or pass another --model"
         )
-    return json.loads(card_path.read_text())
+    try:
+        card = json.loads(card_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{card_path} is not valid JSON ({error}); the model is damaged: refit "
+                        "it at the group level") from None
+    missing = [key for key in CARD_KEYS if not isinstance(card, dict) or key not in card]
+    if missing:
+        raise DataError(f"{card_path} lacks {', '.join(missing)}; the model is damaged or not "
+                        "bids_harmony's: refit it at the group level")
+    return card
+
+
+#: What every saved model card holds (``save`` writes them; ``load`` needs them).
+CARD_KEYS = ("method", "parameters", "target_site", "training", "state_file", "state_sha256")
+
+
+def verify_model(directory: Path, method: str,
+                 sequences: Sequence[str] = ()) -> dict[str, Any]:
+    """The card of a saved model, after checking it is ``method``'s, fitted for every one of
+    ``sequences``, and that its state file is the one the card's checksum names (a truncated
+    or edited state gave an all-zero image whose QC read 1.0). Cheap enough to run before
+    preprocessing starts."""
+    card = read_model_card(directory)
+    card_path = Path(directory) / MODEL_CARD
+    if card["method"] != method:
+        raise UsageError(f"{card_path} holds a '{card['method']}' model, not '{method}'; "
+                         f"pass --method {card['method']} or another --model")
+    fitted = card["training"].get("sequences", [])
+    unfitted = sorted(set(sequences) - set(fitted))
+    if unfitted:
+        raise DataError(f"the model in {directory} was fitted on {', '.join(fitted)} but not "
+                        f"{', '.join(unfitted)}; select those with --suffix, or refit it with "
+                        "them at the group level")
+    state_path = Path(directory) / card["state_file"]
+    if not state_path.is_file():
+        raise InputMissingError(f"{state_path} not found; refit the model at the group level")
+    if sha256_file(state_path) != card["state_sha256"]:
+        raise DataError(f"{state_path} does not match the SHA-256 its model card records: it "
+                        "was modified or truncated; restore it or refit the model")
+    return card
 
 
 def resolve_target_site(images: Sequence[Volume], sites: Sequence[str], target: str) -> str:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from niworkflows.interfaces.bids import DerivativesDataSink
+
+from bids_harmony.fileio import writer_tag
 
 STAGING = ".staging"
 
@@ -17,7 +18,8 @@ class AtomicDerivativesDataSink(DerivativesDataSink):
     """Write under a staging folder inside the output directory, then rename into place.
 
     The staging folder is on the same file system as the outputs, so each ``os.replace`` is
-    atomic: a derivative is complete or absent. Sidecars are moved after their images, so an
+    atomic: a derivative is complete or absent. The staging folder is named after its writer
+    (host, process), so a run started after a kill removes what the killed one left. Sidecars are moved after their images, so an
     existing sidecar means the image is done (the resume check relies on it). NIfTI files
     are gzip-compressed unless told otherwise (niworkflows writes ``.nii`` inside a workflow).
     """
@@ -30,8 +32,8 @@ class AtomicDerivativesDataSink(DerivativesDataSink):
 
     def _run_interface(self, runtime: Any) -> Any:
         final_base = Path(self.inputs.base_directory)
-        (final_base / STAGING).mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=final_base / STAGING))
+        staging = final_base / STAGING / writer_tag()
+        staging.mkdir(parents=True)
         self.inputs.base_directory = str(staging)
         try:
             runtime = super()._run_interface(runtime)
