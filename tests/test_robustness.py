@@ -43,15 +43,22 @@ def small_bids(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = generate_demo_dataset(tmp_path_factory.mktemp("robust") / "bids", n_subjects=2,
                                  n_sites=2, seed=3)
     shutil.rmtree(root / "derivatives", ignore_errors=True)
-    shutil.rmtree(root / "sub-01" / "ses-02")
-    shutil.rmtree(root / "sub-02" / "ses-01")
-    for path in root.glob("sub-02/ses-02/anat/*T2w*"):
-        path.unlink()
-    for table in root.glob("sub-*/sub-*_sessions.tsv"):
+    sites = {subject: dict(line.split("\t") for line in
+                           (root / subject / f"{subject}_sessions.tsv").read_text()
+                           .splitlines()[1:]) for subject in ("sub-01", "sub-02")}
+    second = next(ses for ses, site in sites["sub-02"].items()
+                  if site != sites["sub-01"]["ses-01"])
+    keep = {"sub-01": "ses-01", "sub-02": second}
+    for subject, session in keep.items():
+        for other in sites[subject]:
+            if other != session:
+                shutil.rmtree(root / subject / other)
+        table = root / subject / f"{subject}_sessions.tsv"
         lines = table.read_text().splitlines()
-        keep = "ses-01" if table.name.startswith("sub-01") else "ses-02"
         table.write_text("\n".join([lines[0], *[ln for ln in lines[1:]
-                                                 if ln.startswith(keep)]]) + "\n")
+                                                 if ln.startswith(session)]]) + "\n")
+    for path in root.glob("sub-02/ses-*/anat/*T2w*"):
+        path.unlink()
     return root
 
 
@@ -503,9 +510,12 @@ def test_a_full_disk_during_the_run_is_73(small_bids: Path, tmp_path: Path) -> N
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, 400_000))
 
+    from bids_harmony.data.templates import bundled_template
+
     bids = tmp_path / "bids"
     shutil.copytree(small_bids, bids)
     before = _tree_digest(bids)
+    bundled_template(2, tmp_path / "out" / ".bids_harmony_work" / "templateflow")
     code, output = _finish(_cli(bids, tmp_path / "out", "participant", *COMMON,
                                 "--participant-label", "01", preexec_fn=limit))
     assert code == ExitCode.CANNOT_CREATE_OUTPUT, output[-3000:]
@@ -527,3 +537,35 @@ def test_a_file_name_with_a_space_is_refused(small_bids: Path, tmp_path: Path,
                              "--skip-bids-validation")
     _assert_clean_failure(code, output, ExitCode.DATA_ERROR, spaced.name, bids, before,
                           tmp_path / "out")
+
+
+def test_a_non_brain_passes_the_checks_but_preprocessing_qc_flags_it(
+        small_bids: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A noisy sphere is a valid image; only QC against the template sees it is no brain.
+    The group level then has no image of that site to learn from, unless --keep-flagged."""
+    bids = _case_dataset(small_bids, tmp_path)
+    phantom = next(bids.glob("sub-02/ses-*/anat/*_T1w.nii.gz"))
+    image = nb.load(phantom)
+    grid = np.indices(image.shape, dtype=np.float32)
+    centre = (np.asarray(image.shape, dtype=np.float32)[:, None, None, None] - 1) / 2
+    radius_mm = np.sqrt((((grid - centre) * 2.0) ** 2).sum(axis=0))
+    noise = np.random.default_rng(0).normal(0.0, 40.0, image.shape)
+    _rewrite(phantom, np.clip(np.where(radius_mm < 65, 800.0, 100.0) + noise, 0, None)
+             .astype(np.int16))
+    out = tmp_path / "out"
+    code, output = _run_main(capfd, bids, out, "participant", *COMMON)
+    assert code == 0, output[-3000:]
+    sidecars = {path.name.split("_")[0]: json.loads(path.read_text()) for path in
+                out.glob("sub-*/ses-*/anat/*desc-preproc_T1w.json")}
+    assert sidecars["sub-01"]["QCFlags"] == [], sidecars["sub-01"]["PreprocessingQC"]
+    assert "not_brain_like" in sidecars["sub-02"]["QCFlags"], sidecars["sub-02"]
+    group = [bids, out, "group", *COMMON, "--method", "histmatch", "--target-site", "auto"]
+    code, output = _run_main(capfd, *group)
+    _assert_clean_failure(code, output, ExitCode.DATA_ERROR, phantom.name.split(".")[0],
+                          bids, _tree_digest(bids), out)
+    assert "--keep-flagged" in output
+    code, output = _run_main(capfd, *group, "--keep-flagged")
+    assert code == 0, output[-3000:]
+    rows = (out / "group_T1w.tsv").read_text()
+    assert "not_brain_like" in rows
+    assert "Preprocessing QC flagged this image" in (out / "sub-02.html").read_text()

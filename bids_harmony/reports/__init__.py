@@ -33,6 +33,9 @@ def write_group_outputs(output_dir: Path, bids_dir: Path, fit: GroupFit,
     start = time.perf_counter()
     harmonizer = fit.harmonizer
     rows = qc_rows(fit.images, fit.volumes, fit.harmonized, harmonizer)
+    for row, flags, fitted in zip(rows, fit.qc_flags, fit.fitted_on):
+        row["preprocessing_flags"] = ";".join(flags) or "n/a"
+        row["fitted_on"] = fitted
     for suffix in sorted({im.suffix for im in fit.images}):
         write_tsv(output_dir / f"group_{suffix}.tsv",
                   [row for row in rows if row["suffix"] == suffix])

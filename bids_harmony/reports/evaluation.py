@@ -68,7 +68,11 @@ class GroupImages:
 
 
 def structure_flag(row: Mapping[str, Any]) -> str:
-    """``red`` / ``amber`` / ``green`` from the worst of :data:`FLAGGED_MEASURES`."""
+    """``red`` / ``amber`` / ``green`` from the worst of :data:`FLAGGED_MEASURES`; ``red``
+    whatever they say when preprocessing QC flagged the image (a misregistered or non-brain
+    input keeps its own structure perfectly)."""
+    if row.get("preprocessing_flags", "n/a") != "n/a":
+        return "red"
     values = [float(row[k]) for k in FLAGGED_MEASURES if _is_number(row.get(k))]
     if not values:
         return "grey"

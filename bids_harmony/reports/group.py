@@ -165,23 +165,33 @@ def _tissue_tables(tissues: Mapping[str, Any]) -> str:
 
 def _images_section(evaluation: Mapping[str, Any]) -> str:
     thresholds = evaluation["flag_thresholds"]
-    headers = ["image", "site", "sequence", "flag", *IMAGE_COLUMNS]
+    headers = ["image", "site", "sequence", "flag", "preprocessing QC", *IMAGE_COLUMNS]
     rows = []
     for row in evaluation["images"]:
         link = f"sub-{row['subject']}.html#{row['image']}"
         rows.append([
             f"<a href=\"{html.escape(link)}\">{html.escape(row['image'])}</a>",
             html.escape(row["site"]) + (" (target)" if row["is_target"] else ""),
-            html.escape(row["suffix"]), flag_dot(row["flag"]),
+            html.escape(row["suffix"]), flag_dot(row["flag"]), _preprocessing_cell(row),
             *(number(row.get(column)) for column in IMAGE_COLUMNS),
         ])
     return "\n".join([
         "<h2>Every image</h2>",
         f"<p class=\"note\">Click a column header to sort. Flag: red when structural SSIM or "
         f"NCC with the source falls below {thresholds['red_below']}, amber below "
-        f"{thresholds['amber_below']} (structure not kept: look at the participant page).</p>",
-        table(headers, rows, sortable=True, text_columns=4),
+        f"{thresholds['amber_below']} (structure not kept: look at the participant page), "
+        "and red whenever preprocessing QC flagged the image (misregistered to the template "
+        "or not brain-like; left out of fitting unless --keep-flagged).</p>",
+        table(headers, rows, sortable=True, text_columns=5),
     ])
+
+
+def _preprocessing_cell(row: Mapping[str, Any]) -> str:
+    flags = row.get("preprocessing_flags", "n/a")
+    if flags == "n/a":
+        return "passed"
+    fitted = "fitted on" if row.get("fitted_on") else "left out of fitting"
+    return f"<span class=\"alarm\">{html.escape(flags)}</span> ({fitted})"
 
 
 def _diagnostics_section(diagnostics: Mapping[str, Mapping[str, Any]]) -> str:

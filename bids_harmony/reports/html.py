@@ -31,6 +31,7 @@ img { max-width: 100%; border: 1px solid #ddd; }
 .flag { display: inline-block; width: 0.9em; height: 0.9em; border-radius: 50%; }
 .flag-green { background: #2e7d32; } .flag-amber { background: #f9a825; }
 .flag-red { background: #c62828; } .flag-grey { background: #9e9e9e; }
+.alarm { background: #ffcdd2; border-left: 4px solid #c62828; padding: 0.1em 0.5em; }
 td.flag-red { background: #ffcdd2; } td.flag-amber { background: #fff3c4; }
 """
 

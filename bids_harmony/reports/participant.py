@@ -78,9 +78,22 @@ def _image_section(key: str, site: str, row: Mapping[str, Any], mosaic: str) -> 
         f"<h2 id=\"{html.escape(key)}\">{html.escape(key)}</h2>",
         f"<p>site {html.escape(site)}{' (target)' if row.get('is_target') else ''}; "
         f"structure kept: {flag_dot(row['flag'])}</p>",
+        _preprocessing_note(row),
         qc_table,
         figure(mosaic, f"{key}: source, harmonized, edges, difference"),
     ])
+
+
+def _preprocessing_note(row: Mapping[str, Any]) -> str:
+    """A red line when preprocessing QC flagged the image, else nothing."""
+    flags = row.get("preprocessing_flags", "n/a")
+    if flags == "n/a":
+        return ""
+    fitted = ("the model was fitted on it (--keep-flagged)" if row.get("fitted_on")
+              else "left out of fitting")
+    return (f"<p class=\"alarm\">Preprocessing QC flagged this image: "
+            f"{html.escape(flags)} (registration: it does not sit on the template; "
+            f"not_brain_like: no brain's structure or size there); {fitted}.</p>")
 
 
 def _plot_mosaic(path: Path, source: np.ndarray, harmonized: np.ndarray, edges: np.ndarray,

@@ -13,13 +13,14 @@ from bids_harmony.interfaces.brainmask import BrainExtraction
 from bids_harmony.interfaces.canny import CannyEdges
 from bids_harmony.interfaces.n4 import N4BiasCorrection
 from bids_harmony.interfaces.normalize import PercentileNormalize
+from bids_harmony.interfaces.preprocessing_qc import PreprocessingQC
 from bids_harmony.interfaces.registration import ApplyTransforms, RegisterToTemplate
 
 OUTPUT_FIELDS = [
     "reoriented", "brain", "native_mask", "was_skull_stripped",
     "preproc", "mask", "edges", "edge_threshold", "edge_ratio",
     "forward_transforms", "inverse_transforms", "inverse_invert_flags",
-    "lower_value", "upper_value",
+    "lower_value", "upper_value", "qc_measures", "qc_flags",
 ]
 #: Brain-intensity percentiles mapped to 0 and 1 (all five papers).
 NORMALIZATION_PERCENTILES = (1.0, 99.0)
@@ -36,7 +37,8 @@ def init_anat_preproc_wf(
     seed: int = 42,
     name: str = "anat_preproc_wf",
 ) -> Workflow:
-    """Reorient -> N4 -> brain extraction -> registration -> normalisation -> Canny edges.
+    """Reorient -> N4 -> brain extraction -> registration -> normalisation -> Canny edges,
+    and the preprocessing QC of the result against the template.
 
     With ``via_reference`` (a T2w or other non-T1 image with a T1w in the same session),
     the brain is registered rigidly to that T1w's brain with mutual information and the
@@ -91,7 +93,10 @@ def init_anat_preproc_wf(
     normalize = pe.Node(PercentileNormalize(lower=NORMALIZATION_PERCENTILES[0],
                                             upper=NORMALIZATION_PERCENTILES[1]),
                         name="normalize")
-    edges = pe.Node(CannyEdges(edge_ratio=edge_ratio, denominator=PIPELINE_DENOMINATOR), name="edges")
+    edges = pe.Node(CannyEdges(edge_ratio=edge_ratio, denominator=PIPELINE_DENOMINATOR),
+                    name="edges")
+    qc = pe.Node(PreprocessingQC(template_file=str(template.brain),
+                                 template_mask=str(template.mask)), name="preprocessing_qc")
 
     workflow.connect([
         (inputnode, reorient, [("in_file", "in_file")]),
@@ -109,6 +114,10 @@ def init_anat_preproc_wf(
         (warp_mask, normalize, [("out_file", "mask_file")]),
         (normalize, edges, [("out_file", "in_file")]),
         (warp_mask, edges, [("out_file", "mask_file")]),
+        (inputnode, qc, [("in_file", "source_file")]),
+        (normalize, qc, [("out_file", "in_file")]),
+        (warp_mask, qc, [("out_file", "mask_file")]),
+        (qc, outputnode, [("measures", "qc_measures"), ("flags", "qc_flags")]),
         (reorient, outputnode, [("out_file", "reoriented")]),
         (skullstrip, outputnode, [("out_file", "brain"), ("out_mask", "native_mask"),
                                   ("was_skull_stripped", "was_skull_stripped")]),

@@ -132,6 +132,8 @@ def _connect_preprocessed_outputs(workflow: Workflow, preproc_wf: Workflow, conf
             ("outputnode.lower_value", "inputnode.lower_value"),
             ("outputnode.upper_value", "inputnode.upper_value"),
             ("outputnode.was_skull_stripped", "inputnode.was_skull_stripped"),
+            ("outputnode.qc_measures", "inputnode.qc_measures"),
+            ("outputnode.qc_flags", "inputnode.qc_flags"),
         ]),
         (preproc_wf, ds_masks_wf, [
             ("outputnode.mask", "inputnode.mask"),

@@ -28,13 +28,16 @@ def init_ds_preproc_wf(
     name: str = "ds_preproc_wf",
 ) -> Workflow:
     """``space-<template>_desc-preproc_<suffix>``: the normalised brain; its sidecar adds the
-    intensities the 1st and 99th percentiles had and whether the input was skull-stripped.
+    intensities the 1st and 99th percentiles had, whether the input was skull-stripped, and
+    the preprocessing QC (``PreprocessingQC`` measures, ``QCFlags``).
 
-    Inputs: ``preproc``, ``lower_value``, ``upper_value``, ``was_skull_stripped``.
+    Inputs: ``preproc``, ``lower_value``, ``upper_value``, ``was_skull_stripped``,
+    ``qc_measures``, ``qc_flags``.
     """
     workflow = Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
-        fields=["preproc", "lower_value", "upper_value", "was_skull_stripped"]),
+        fields=["preproc", "lower_value", "upper_value", "was_skull_stripped", "qc_measures",
+                "qc_flags"]),
         name="inputnode")
     sidecar = pe.Node(niu.Function(function=_preproc_metadata, output_names=["meta"]),
                       name="preproc_metadata", run_without_submitting=True)
@@ -43,7 +46,8 @@ def init_ds_preproc_wf(
                        suffix=suffix)
     workflow.connect([
         (inputnode, sidecar, [("lower_value", "lower"), ("upper_value", "upper"),
-                              ("was_skull_stripped", "was_skull_stripped")]),
+                              ("was_skull_stripped", "was_skull_stripped"),
+                              ("qc_measures", "qc_measures"), ("qc_flags", "qc_flags")]),
         (inputnode, ds_preproc, [("preproc", "in_file")]),
         (sidecar, ds_preproc, [("meta", "meta_dict")]),
     ])
@@ -155,9 +159,11 @@ def _sink(name: str, output_dir: Path, source_file: Path, **inputs: Any) -> pe.N
     )
 
 
-def _preproc_metadata(static: dict, lower: float, upper: float,
-                      was_skull_stripped: bool) -> dict:
+def _preproc_metadata(static: dict, lower: float, upper: float, was_skull_stripped: bool,
+                      qc_measures: dict, qc_flags: list) -> dict:
     meta = dict(static)
+    meta["PreprocessingQC"] = {key: float(value) for key, value in qc_measures.items()}
+    meta["QCFlags"] = [qc_flags] if isinstance(qc_flags, str) else list(qc_flags or [])
     meta["NormalizationValues"] = [float(lower), float(upper)]
     meta["SkullStripped"] = True  # the derivative is brain-only whatever the input was
     meta["InputSkullStripped"] = bool(was_skull_stripped)
