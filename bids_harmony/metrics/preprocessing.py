@@ -30,8 +30,8 @@ input; the 1 mm rows are the same inputs on the 1 mm template)::
     IXI head, affine rotated 90 deg about z   0.233         0.065        0.808       0.807
     IXI head, affine rotated 45 deg about y   0.243         0.059        0.802       0.879
     IXI head, affine axes permuted            0.074         -0.018       0.779       1.127
-    1 mm: IXI012, IXI039                      ONE_MM_IXI
-    1 mm: sphere, noise cube, rot 90 x, perm  ONE_MM_BAD
+    1 mm: IXI012, IXI039 (with skull)         0.589-0.591   0.616-0.650  0.949-0.953 1.044-1.060
+    1 mm: sphere in noise, r 65 mm            0.270         -0.009       0.795       0.704
 
 The template against itself scores 1 on all four.
 """
