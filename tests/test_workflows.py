@@ -6,7 +6,6 @@ node that really produces a value, so a test says where each input comes from.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import networkx as nx
@@ -71,11 +70,13 @@ def session_images(demo_bids: Path, tmp_path: Path) -> list[AnatImage]:
 
 @pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
-    model = tmp_path / "models" / "histmatch_SiteX"
-    model.mkdir(parents=True)
-    (model / "model_card.json").write_text(
-        json.dumps({"method": "histmatch", "target_site": "SiteX"}))
-    return model
+    """A real histmatch model fitted on T1w and T2w phantoms, target SiteX."""
+    from phantoms import ellipsoid_phantom
+
+    volumes = [ellipsoid_phantom((24, 24, 20), subject=k) for k in range(8)]
+    harmonizer = HARMONIZERS["histmatch"]().fit(
+        volumes, ["SiteX", "SiteY"] * 4, ["T1w"] * 4 + ["T2w"] * 4, target="SiteX")
+    return harmonizer.save(tmp_path / "models" / "histmatch_SiteX")
 
 
 def test_t2w_registers_through_its_session_t1w(demo_bids: Path, tmp_path: Path,

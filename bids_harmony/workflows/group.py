@@ -53,6 +53,9 @@ def preprocessing_flags(config: RunConfig, image: AnatImage, template: TemplateF
     (:mod:`bids_harmony.metrics.preprocessing`)."""
     sidecar = preprocessed_paths(config.output_dir, image, template.name)["preproc"]
     sidecar = sidecar.with_name(sidecar.name.removesuffix(".nii.gz") + ".json")
+    if not sidecar.exists():  # written by an older version or another tool: not checked
+        LOGGER.warning("%s is missing: its preprocessing QC is unknown", sidecar)
+        return []
     try:
         return list(json.loads(sidecar.read_text()).get("QCFlags", []))
     except (OSError, ValueError, AttributeError) as error:
