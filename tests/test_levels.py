@@ -47,7 +47,9 @@ def test_expected_outputs_are_the_sidecars_of_each_derivative(tmp_path: Path) ->
     folder = tmp_path / "out" / "sub-01" / "ses-02" / "anat"
     stem = f"sub-01_ses-02_space-{TEMPLATE}"
     preprocessing = [f"{stem}_desc-preproc_T1w.json", f"{stem}_desc-brain_mask.json",
-                     f"{stem}_desc-edges_mask.json"]
+                     f"{stem}_desc-edges_mask.json",
+                     f"sub-01_ses-02_from-T1w_to-{TEMPLATE}_mode-image_xfm.json",
+                     f"sub-01_ses-02_from-{TEMPLATE}_to-T1w_mode-image_xfm.json"]
     outputs = expected_outputs(config, image, template, harmonize=False)
     assert _names(outputs) == preprocessing
     assert all(path.parent == folder for path in outputs)
@@ -65,7 +67,9 @@ def test_expected_outputs_of_a_t2w_keep_their_own_mask_names(tmp_path: Path) -> 
     outputs = expected_outputs(_config(tmp_path), _image(tmp_path, "T2w"), _template(tmp_path),
                                harmonize=False)
     assert _names(outputs)[1:] == [f"sub-01_ses-02_space-{TEMPLATE}_desc-brainT2w_mask.json",
-                                   f"sub-01_ses-02_space-{TEMPLATE}_desc-edgesT2w_mask.json"]
+                                   f"sub-01_ses-02_space-{TEMPLATE}_desc-edgesT2w_mask.json",
+                                   f"sub-01_ses-02_from-T2w_to-{TEMPLATE}_mode-image_xfm.json",
+                                   f"sub-01_ses-02_from-{TEMPLATE}_to-T2w_mode-image_xfm.json"]
 
 
 def _write_sidecars(paths: list[Path], checksum: str | None = None) -> None:

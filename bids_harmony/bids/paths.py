@@ -36,3 +36,12 @@ def preprocessed_paths(output_dir: Path, image: AnatImage, space: str) -> dict[s
         "mask": derivative_path(output_dir, image, space, mask_desc("brain", image), "mask"),
         "edges": derivative_path(output_dir, image, space, mask_desc("edges", image), "mask"),
     }
+
+
+def transform_path(output_dir: Path, image: AnatImage, source: str, target: str,
+                   extension: str = ".h5") -> Path:
+    """``from-<source>_to-<target>_mode-image_xfm``: the composite transform the sink writes
+    between the image's own space (its suffix) and the template."""
+    stem = image.key[: -len(image.suffix) - 1]
+    return (derivative_path(output_dir, image, None, "x").parent
+            / f"{stem}_from-{source}_to-{target}_mode-image_xfm{extension}")

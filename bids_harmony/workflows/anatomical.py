@@ -62,10 +62,7 @@ def init_anat_preproc_wf(
     ``reference_transforms`` and ``reference_inverse`` / ``reference_invert_flags``.
     """
     workflow = Workflow(name=name)
-    workflow.__desc__ = (
-        _reference_desc() if via_reference else _anatomical_desc(template, registration,
-                                                                 edge_ratio)
-    )
+    workflow.__desc__ = anat_preproc_desc(template, registration, edge_ratio, via_reference)
     inputnode = pe.Node(
         niu.IdentityInterface(fields=["in_file", "reference_brain", "reference_transforms",
                                       "reference_inverse", "reference_invert_flags"]),
@@ -144,6 +141,14 @@ def init_anat_preproc_wf(
         chain.inputs.reference_inverse = []
         chain.inputs.reference_invert_flags = []
     return workflow
+
+
+def anat_preproc_desc(template: TemplateFiles, registration: str, edge_ratio: float,
+                      via_reference: bool) -> str:
+    """Methods text of ``init_anat_preproc_wf`` with these settings (also that of an image
+    whose preprocessing derivatives a later run reads back instead)."""
+    return (_reference_desc() if via_reference
+            else _anatomical_desc(template, registration, edge_ratio))
 
 
 def _anatomical_desc(template: TemplateFiles, registration: str, edge_ratio: float) -> str:

@@ -6,21 +6,31 @@ plain keyword arguments.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 from nipype import __version__ as nipype_version
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from bids_harmony import __version__
 from bids_harmony.bids.layout import AnatImage
-from bids_harmony.bids.paths import REFERENCE_SUFFIX, derivative_path, mask_desc
+from bids_harmony.bids.paths import (
+    REFERENCE_SUFFIX,
+    derivative_path,
+    mask_desc,
+    preprocessed_paths,
+    transform_path,
+)
 from bids_harmony.config import RunConfig
 from bids_harmony.data.templates import TemplateFiles
 from bids_harmony.harmonizers.base import read_model_card
 from bids_harmony.workflows.anatomical import (
     NORMALIZATION_PERCENTILES,
+    OUTPUT_FIELDS,
+    anat_preproc_desc,
     init_anat_preproc_wf,
 )
 from bids_harmony.workflows.harmonize import init_harmonize_wf
@@ -32,15 +42,25 @@ from bids_harmony.workflows.outputs import (
 )
 
 
+def preprocessing_outputs(config: RunConfig, image: AnatImage, template: TemplateFiles
+                          ) -> list[Path]:
+    """Sidecars of an image's preprocessing derivatives (template-space image, brain and edge
+    masks, both transforms), each written after its data file."""
+    out = config.output_dir
+    return [
+        derivative_path(out, image, template.name, "preproc", extension=".json"),
+        derivative_path(out, image, template.name, mask_desc("brain", image), "mask", ".json"),
+        derivative_path(out, image, template.name, mask_desc("edges", image), "mask", ".json"),
+        transform_path(out, image, image.suffix, template.name, ".json"),
+        transform_path(out, image, template.name, image.suffix, ".json"),
+    ]
+
+
 def expected_outputs(config: RunConfig, image: AnatImage, template: TemplateFiles,
                      harmonize: bool) -> list[Path]:
     """Sidecars written last for each derivative: all present means the image is done."""
     out = config.output_dir
-    paths = [
-        derivative_path(out, image, template.name, "preproc", extension=".json"),
-        derivative_path(out, image, template.name, mask_desc("brain", image), "mask", ".json"),
-        derivative_path(out, image, template.name, mask_desc("edges", image), "mask", ".json"),
-    ]
+    paths = preprocessing_outputs(config, image, template)
     if harmonize:
         paths.append(derivative_path(out, image, template.name, "harmonized", extension=".json"))
         if config.native_output:
@@ -53,12 +73,17 @@ def init_bids_harmony_wf(
     images: Sequence[AnatImage],
     template: TemplateFiles,
     model_dir: Path | None,
+    preprocessed: Collection[str] = (),
 ) -> Workflow:
     """Build the workflow for ``images``; T2w-like images go through their session's T1w.
 
     Per image: ``anat_*`` (preprocessing), ``harmonize_*`` when a model is given, and one
-    ``ds_*`` sub-workflow per kind of derivative. ``workflow.visit_desc()`` gives the
-    methods text of all of them, with citation keys.
+    ``ds_*`` sub-workflow per kind of derivative. Images whose key is in ``preprocessed``
+    have all their preprocessing derivatives already (:func:`preprocessing_outputs`): they
+    get a ``preprocessed_*`` source of those files instead of ``anat_*`` and its sinks, so
+    the participant level that applies a fitted model runs only the harmonization and needs
+    neither the work directory of the first run nor a hash check of its preprocessing nodes.
+    ``workflow.visit_desc()`` gives the methods text of all of them, with citation keys.
     """
     workflow = Workflow(name="bids_harmony_wf")
     workflow.base_dir = str(config.work_dir)
@@ -75,6 +100,11 @@ def init_bids_harmony_wf(
     for image in sorted(images, key=lambda im: im.suffix != REFERENCE_SUFFIX):
         reference = references.get((image.subject, image.session))
         via_reference = image.suffix != REFERENCE_SUFFIX and reference is not None
+        if image.key in preprocessed:
+            branches[image.key] = init_preprocessed_source_wf(
+                config, image, template, via_reference,
+                name=_workflow_name("preprocessed", image))
+            continue
         preproc_wf = init_anat_preproc_wf(
             template=template,
             registration=config.registration.value,
@@ -99,6 +129,32 @@ def init_bids_harmony_wf(
         for image in images:
             _connect_harmonization(workflow, branches[image.key], config, image, template,
                                    model_dir, card)
+    elif preprocessed:
+        workflow.add_nodes(list(branches[key] for key in preprocessed if key in branches))
+    return workflow
+
+
+def init_preprocessed_source_wf(config: RunConfig, image: AnatImage, template: TemplateFiles,
+                                via_reference: bool, name: str) -> Workflow:
+    """An ``outputnode`` holding an image's preprocessing derivatives, in place of its
+    ``anat_*`` workflow: ``preproc``, ``mask``, ``edges`` and, as the one composite
+    ``from-<template>_to-<suffix>`` file, the inverse transforms (a T2w's already chains its
+    T1w's). Resampling through that composite matches the chain of the original ANTs
+    files to within 0.3 % of the intensity range (the inverted affines are stored inverted,
+    in double precision); the methods text is that of the preprocessing it reads back.
+    """
+    workflow = Workflow(name=name)
+    workflow.__desc__ = anat_preproc_desc(template, config.registration.value,
+                                          config.edge_ratio, via_reference)
+    outputnode = pe.Node(niu.IdentityInterface(fields=OUTPUT_FIELDS), name="outputnode")
+    paths = preprocessed_paths(config.output_dir, image, template.name)
+    outputnode.inputs.preproc = str(paths["preproc"])
+    outputnode.inputs.mask = str(paths["mask"])
+    outputnode.inputs.edges = str(paths["edges"])
+    outputnode.inputs.inverse_transforms = [
+        str(transform_path(config.output_dir, image, template.name, image.suffix))]
+    outputnode.inputs.inverse_invert_flags = [False]
+    workflow.add_nodes([outputnode])
     return workflow
 
 
