@@ -10,6 +10,10 @@ export MPLBACKEND := Agg
 
 .PHONY: demo test lock
 
+# The demo's own TemplateFlow home, holding the bundled template only (written by
+# bids_harmony-demo): no download, and no indexing of TemplateFlow's skeleton in every run.
+demo: export TEMPLATEFLOW_HOME := $(CURDIR)/$(DEMO)/templateflow
+
 $(BIN)/bids_harmony: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -20,7 +24,7 @@ $(BIN)/bids_harmony: pyproject.toml requirements.lock
 
 ## Generate the built-in multi-site demo, then participant -> group -> participant.
 demo: $(BIN)/bids_harmony
-	$(BIN)/bids_harmony-demo $(DEMO)/bids
+	$(BIN)/bids_harmony-demo $(DEMO)/bids --subjects 3 --templateflow-home $(DEMO)/templateflow
 	$(BIN)/bids_harmony $(DEMO)/bids $(DEMO)/out participant --resolution 2 --nprocs 2 -v
 	$(BIN)/bids_harmony $(DEMO)/bids $(DEMO)/out group --resolution 2 --nprocs 2 -v
 	$(BIN)/bids_harmony $(DEMO)/bids $(DEMO)/out participant --resolution 2 --nprocs 2 \

@@ -34,10 +34,14 @@ ROOT = Path(__file__).resolve().parents[1]
 REPORT_WRITTEN = re.compile(r"group report \S+ written in (\d+(?:\.\d+)?) s")
 
 
-def _steps(bids: Path, out: Path) -> list[tuple[str, list[str]]]:
+def _steps(bids: Path, out: Path, templateflow_home: Path | None
+           ) -> list[tuple[str, list[str]]]:
     common = ["--resolution", "2", "--nprocs", "2", "-v"]
+    # this checkout's ``make demo``: 3 subjects and its own TemplateFlow home; before: 4
+    home = (["--subjects", "3", "--templateflow-home", str(templateflow_home)]
+            if templateflow_home else [])
     return [
-        ("demo dataset", ["-m", "bids_harmony.cli.demo", str(bids)]),
+        ("demo dataset", ["-m", "bids_harmony.cli.demo", str(bids), *home]),
         ("participant (preprocess)", ["-m", "bids_harmony", str(bids), str(out),
                                       "participant", *common]),
         ("group (fit, report)", ["-m", "bids_harmony", str(bids), str(out), "group", *common]),
@@ -61,13 +65,18 @@ def node_work(work_dir: Path, since: float) -> tuple[float, int]:
     return total, count
 
 
-def run_demo(package_root: Path, scratch: Path) -> list[dict[str, object]]:
-    """Run the four steps with ``package_root`` on ``PYTHONPATH``; time each."""
+def run_demo(package_root: Path, scratch: Path, own_templateflow: bool
+             ) -> list[dict[str, object]]:
+    """Run the four steps with ``package_root`` on ``PYTHONPATH`` as ``make demo`` of that
+    code does (``own_templateflow``: with the demo's own TemplateFlow home); time each."""
     env = {**os.environ, "PYTHONPATH": str(package_root), "NIPYPE_NO_ET": "1",
            "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    home = scratch / "templateflow" if own_templateflow else None
+    if home is not None:
+        env["TEMPLATEFLOW_HOME"] = str(home)
     bids, out = scratch / "bids", scratch / "out"
     rows = []
-    for label, args in _steps(bids, out):
+    for label, args in _steps(bids, out, home):
         start = time.time()
         result = subprocess.run([sys.executable, *args], env=env, capture_output=True,
                                 text=True, cwd=scratch)  # ``-m`` puts the cwd first
@@ -100,7 +109,8 @@ def main() -> None:
             for code in args.codes:
                 run_dir = scratch / code
                 run_dir.mkdir()
-                results[code] = run_demo(worktree if code == "before" else ROOT, run_dir)
+                results[code] = run_demo(worktree if code == "before" else ROOT, run_dir,
+                                         own_templateflow=code == "after")
                 print(code, json.dumps(results[code], indent=1), flush=True)
         finally:
             if "before" in args.codes:

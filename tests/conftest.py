@@ -16,8 +16,15 @@ IXI_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ixi"
 
 @pytest.fixture(autouse=True, scope="session")
 def _offline_templateflow(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Point TemplateFlow at an empty home so no test reads or fills the user's cache."""
-    os.environ["TEMPLATEFLOW_HOME"] = str(tmp_path_factory.mktemp("templateflow_home"))
+    """Point TemplateFlow at a home of the bundled template only, as the container's, so no
+    test reads or fills the user's cache and no run indexes TemplateFlow's 2,540-file
+    skeleton (10 s in every process that imports niworkflows' sink)."""
+    from bids_harmony.data.templates import bundled_template
+
+    home = tmp_path_factory.mktemp("templateflow_home")
+    for resolution in (1, 2):
+        bundled_template(resolution, home)
+    os.environ["TEMPLATEFLOW_HOME"] = str(home)
 
 
 @pytest.fixture(scope="session")

@@ -173,15 +173,15 @@ def test_input_untouched_and_resume(demo_run: dict) -> None:
 def test_real_ixi_head(ixi_dir: Path, tmp_path: Path) -> None:
     """A real head with skull: deepbet extracts the brain and the whole path runs."""
     from bids_harmony.data.demo import generate_demo_dataset
+    from bids_harmony.data.templates import resolve_template
 
     bids = generate_demo_dataset(tmp_path / "bids", n_subjects=1, n_sites=2, anatomy="ixi",
                                  ixi_dir=ixi_dir, seed=3)
     out = tmp_path / "out"
     _cli(bids, out, "group", "--resolution", "2", "--nprocs", "2")
     _cli(bids, out, "participant", "--resolution", "2", "--nprocs", "2")
-    template_brain = np.asarray(nb.load(
-        out / ".bids_harmony_work" / "templateflow" / f"tpl-{TEMPLATE}"
-        / f"tpl-{TEMPLATE}_res-02_desc-brain_T1w.nii.gz").dataobj)
+    template_brain = np.asarray(nb.load(resolve_template(
+        TEMPLATE, 2, out / ".bids_harmony_work", allow_download=False).brain).dataobj)
     brain = template_brain > 0
     images, masks = [], []
     for raw in _raw_images(bids):

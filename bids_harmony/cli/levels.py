@@ -113,7 +113,8 @@ def run_group(config: RunConfig) -> None:
         fitted_on=f"{len(context.images)} images from {n_sites} sites at the group level",
     )])
     write_citation(config.output_dir, methods)
-    write_group_outputs(config.output_dir, config.bids_dir, fit, methods)
+    write_group_outputs(config.output_dir, config.bids_dir, fit, methods,
+                        workers=config.nprocs)
 
 
 def preprocess(config: RunConfig, context: RunContext, model_dir: Path | None) -> str:

@@ -27,6 +27,7 @@ import numpy as np
 from bids_harmony import __version__
 from bids_harmony.errors import DataError, InputMissingError, NotFittedError, UsageError
 from bids_harmony.fileio import atomic_directory, sha256_file
+from bids_harmony.metrics.similarity import sorted_values, wasserstein_sorted
 from bids_harmony.volume import Volume
 
 MODEL_CARD = "model_card.json"
@@ -319,13 +320,11 @@ def resolve_target_site(images: Sequence[Volume], sites: Sequence[str], target: 
                 f"{', '.join(known)} (or use auto / unified)"
             )
         return target
-    from scipy.stats import wasserstein_distance
-
     spread: dict[str, float] = {}
     for site in known:
-        brains = [im.brain for im, s in zip(images, sites) if s == site]
+        brains = [sorted_values(im.brain) for im, s in zip(images, sites) if s == site]
         pairs = [
-            wasserstein_distance(a, b) for i, a in enumerate(brains) for b in brains[i + 1:]
+            wasserstein_sorted(a, b) for i, a in enumerate(brains) for b in brains[i + 1:]
         ]
         spread[site] = float(np.mean(pairs)) if pairs else float("inf")
     return min(known, key=lambda s: (spread[s], s))

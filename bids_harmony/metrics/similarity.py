@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
-from scipy.stats import wasserstein_distance
 
 # Wang et al. 2004: C1 = (K1 L)^2, C2 = (K2 L)^2, C3 = C2 / 2.
 _K1 = 0.01
@@ -119,12 +118,33 @@ def wasserstein(x_values: np.ndarray, y_values: np.ndarray) -> float:
     """1-D Wasserstein (earth mover's) distance between two intensity distributions.
 
     Takes arrays of values of any shape (e.g. the brain voxels of two images); they need
-    not have the same number of values.
+    not have the same number of values. The same number as ``scipy.stats.wasserstein_distance``
+    (see :func:`wasserstein_sorted`).
     """
-    return float(
-        wasserstein_distance(np.ravel(x_values).astype(np.float64),
-                             np.ravel(y_values).astype(np.float64))
-    )
+    return wasserstein_sorted(sorted_values(x_values), sorted_values(y_values))
+
+
+def sorted_values(values: np.ndarray) -> np.ndarray:
+    """``values`` flattened to float64 and sorted, the input of :func:`wasserstein_sorted`."""
+    return np.sort(np.ravel(values).astype(np.float64))
+
+
+def wasserstein_sorted(u_sorted: np.ndarray, v_sorted: np.ndarray) -> float:
+    """The Wasserstein distance of two samples already sorted: the integral of the absolute
+    difference of their empirical CDFs over the merged values, the formula of scipy's
+    ``wasserstein_distance``.
+
+    Written here because scipy argsorts both samples and their union in every call, which
+    made the group level's distances most of its time (a site's images compared pair by pair,
+    each 230,000 brain voxels at 2 mm); here a sample is sorted once for all its pairs and
+    the union of two sorted runs is merged by a stable sort in linear time.
+    """
+    if u_sorted.size == 0 or v_sorted.size == 0:
+        raise ValueError("both samples need at least one value")
+    merged = np.sort(np.concatenate([u_sorted, v_sorted]), kind="stable")
+    u_cdf = np.searchsorted(u_sorted, merged[:-1], side="right") / u_sorted.size
+    v_cdf = np.searchsorted(v_sorted, merged[:-1], side="right") / v_sorted.size
+    return float(np.sum(np.abs(u_cdf - v_cdf) * np.diff(merged)))
 
 
 def _same_grid(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -26,13 +26,13 @@ __all__ = ["EVALUATION_JSON", "GroupImages", "write_group_outputs"]
 
 
 def write_group_outputs(output_dir: Path, bids_dir: Path, fit: GroupFit,
-                        methods: Methods) -> Path:
+                        methods: Methods, workers: int = 1) -> Path:
     """Write ``group_<suffix>.tsv`` and histograms, ``group_summary.json``, the evaluation,
     the group page (ending with the run's ``methods``) and the participant pages; returns
-    the group report's path."""
+    the group report's path. Per-image measures and mosaics run on ``workers`` threads."""
     start = time.perf_counter()
     harmonizer = fit.harmonizer
-    rows = qc_rows(fit.images, fit.volumes, fit.harmonized, harmonizer)
+    rows = qc_rows(fit.images, fit.volumes, fit.harmonized, harmonizer, workers)
     for row, flags, fitted in zip(rows, fit.qc_flags, fit.fitted_on):
         row["preprocessing_flags"] = ";".join(flags) or "n/a"
         row["fitted_on"] = fitted
@@ -48,12 +48,12 @@ def write_group_outputs(output_dir: Path, bids_dir: Path, fit: GroupFit,
     write_json(output_dir / "group_summary.json", summary(rows, harmonizer))
     group = GroupImages(fit.images, fit.volumes, fit.harmonized, rows)
     evaluation = evaluate_group(group, harmonizer.name, harmonizer.target_site_,
-                                read_ages(bids_dir / "participants.tsv"))
+                                read_ages(bids_dir / "participants.tsv"), workers)
     evaluation["model_diagnostics"] = harmonizer.diagnostics()
     write_json(output_dir / EVALUATION_JSON, evaluation)
     report = write_group_report(output_dir, evaluation, methods)
     edges = [volume.channel(EDGES) > 0 for volume in fit.volumes]
-    write_participant_pages(output_dir, group, edges, evaluation["images"])
+    write_participant_pages(output_dir, group, edges, evaluation["images"], workers)
     LOGGER.info("group report %s written in %.0f s; structure flags: %s", report,
                 time.perf_counter() - start, image_counts(evaluation["images"]))
     return report

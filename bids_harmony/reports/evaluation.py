@@ -41,6 +41,7 @@ from bids_harmony.metrics.site_effect import (
     site_luminance_ssim,
     site_wasserstein_matrix,
 )
+from bids_harmony.reports.threads import map_in_threads
 
 STAGES = ("before", "after")
 FEATURES_NOTE = (
@@ -97,14 +98,16 @@ def read_ages(participants_tsv: Path, column: str = "age") -> dict[str, float]:
 
 
 def evaluate_group(group: GroupImages, method: str, target_site: str,
-                   ages: Mapping[str, float]) -> dict[str, Any]:
+                   ages: Mapping[str, float], workers: int = 1) -> dict[str, Any]:
     """Every measure, per sequence, as JSON-ready numbers (plus per-image rows: the QC rows
-    with the paired and tissue measures and the structure flag added)."""
+    with the paired and tissue measures and the structure flag added); per-image measures
+    on ``workers`` threads."""
     image_rows = [dict(row) for row in group.qc_rows]
     sequences = {}
     for suffix in sorted({im.suffix for im in group.images}):
         indices = [i for i, im in enumerate(group.images) if im.suffix == suffix]
-        sequences[suffix], columns = _evaluate_sequence(group, indices, target_site, ages)
+        sequences[suffix], columns = _evaluate_sequence(group, indices, target_site, ages,
+                                                        workers)
         for k, index in enumerate(indices):
             image_rows[index].update(columns[k])
     for row in image_rows:
@@ -119,7 +122,7 @@ def evaluate_group(group: GroupImages, method: str, target_site: str,
 
 
 def _evaluate_sequence(group: GroupImages, indices: Sequence[int], target_site: str,
-                       ages: Mapping[str, float]
+                       ages: Mapping[str, float], workers: int
                        ) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """The sequence's measures, and the columns each of its images adds to its row."""
     images = [group.images[i] for i in indices]
@@ -130,13 +133,15 @@ def _evaluate_sequence(group: GroupImages, indices: Sequence[int], target_site: 
     suffix = images[0].suffix
     sites = [im.site for im in images]
     result: dict[str, Any] = {"sites": sorted(set(sites)), "n_images": len(images)}
-    labels = _segmentations(stages, suffix)
+    labels = _segmentations(stages, suffix, workers)
+
+    def features_of(stage: str, k: int) -> list[float]:
+        return list(image_features(stages[stage][k], labels[stage][k] if labels else None,
+                                   TISSUES if labels else ()).values())
+
     features = {
-        stage: np.array([
-            list(image_features(vol, labels[stage][k] if labels else None,
-                                TISSUES if labels else ()).values())
-            for k, vol in enumerate(stages[stage])
-        ])
+        stage: np.array(map_in_threads(lambda k, stage=stage: features_of(stage, k),
+                                       range(len(images)), workers))
         for stage in STAGES
     }
     result["site_classification"] = _per_stage(
@@ -164,11 +169,13 @@ def _evaluate_sequence(group: GroupImages, indices: Sequence[int], target_site: 
     return result, columns
 
 
-def _segmentations(stages: Mapping[str, Sequence[Volume]], suffix: str
+def _segmentations(stages: Mapping[str, Sequence[Volume]], suffix: str, workers: int
                    ) -> dict[str, list[np.ndarray]] | None:
     if suffix not in INTENSITY_ORDER:
         return None
-    return {stage: [segment_tissues(vol, suffix) for vol in stages[stage]] for stage in STAGES}
+    return {stage: map_in_threads(lambda vol: segment_tissues(vol, suffix), stages[stage],
+                                  workers)
+            for stage in STAGES}
 
 
 def _per_stage(measure: Any) -> dict[str, Any]:

@@ -14,17 +14,21 @@ from bids_harmony.harmonizers import Harmonizer
 from bids_harmony.metrics import harmonization_qc
 from bids_harmony.metrics.similarity import pearson, psnr, ssim
 from bids_harmony.reports.html import save_figure
+from bids_harmony.reports.threads import map_in_threads
 from bids_harmony.volume import Volume
 
 
 def qc_rows(images: Sequence[AnatImage], volumes: Sequence[Volume],
-            harmonized: Sequence[np.ndarray], harmonizer: Harmonizer) -> list[dict[str, Any]]:
+            harmonized: Sequence[np.ndarray], harmonizer: Harmonizer,
+            workers: int = 1) -> list[dict[str, Any]]:
     """One row per image: identity, per-image QC and, for a traveling subject's source-site
-    image, the paired metrics against its target-site image."""
+    image, the paired metrics against its target-site image (images on ``workers``
+    threads)."""
     target = harmonizer.target_site_
     pairs = traveling_pairs(images, target)
-    rows = []
-    for index, (image, volume, output) in enumerate(zip(images, volumes, harmonized)):
+
+    def row_of(index: int) -> dict[str, Any]:
+        image, volume, output = images[index], volumes[index], harmonized[index]
         row: dict[str, Any] = {
             "image": image.key, "subject": image.subject, "session": image.session or "n/a",
             "site": image.site, "suffix": image.suffix, "is_target": image.site == target,
@@ -33,8 +37,9 @@ def qc_rows(images: Sequence[AnatImage], volumes: Sequence[Volume],
                                     harmonizer.reference_quantiles(image.suffix)))
         if index in pairs:
             row.update(paired_metrics(volume, output, volumes[pairs[index]]))
-        rows.append(row)
-    return rows
+        return row
+
+    return map_in_threads(row_of, range(len(images)), workers)
 
 
 def paired_metrics(source: Volume, harmonized: np.ndarray, target: Volume) -> dict[str, float]:
