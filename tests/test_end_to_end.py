@@ -158,6 +158,35 @@ def test_harmonized_outputs_and_sidecars(demo_run: dict) -> None:
         assert np.isfinite(np.asarray(native_img.dataobj)).all()
 
 
+def test_harmonizing_reads_the_preprocessing_derivatives(demo_run: dict) -> None:
+    """With preprocessing complete, the last participant level ran no preprocessing node:
+    it read the derivatives, and its native-grid images, resampled through the stored
+    composite transforms, match the chain of the registration's own ANTs files."""
+    import ants
+
+    out, bids = demo_run["out"], demo_run["bids"]
+    work = out / ".bids_harmony_work" / "bids_harmony_wf"
+    harmonize_nodes = sorted(work.glob("harmonize_*"))
+    assert len(harmonize_nodes) == len(_raw_images(bids)) == 12
+    first_run_nodes = [p.stat().st_mtime for p in work.glob("anat_*/*/result_*.pklz")]
+    assert max(first_run_nodes) < min(p.stat().st_mtime for p in
+                                      work.glob("harmonize_*/*/result_*.pklz"))
+    for raw in _raw_images(bids):
+        key = raw.name.removesuffix(".nii.gz").replace("-", "_")
+        chain = [work / f"anat_{key}" / "register" / "xfm_0GenericAffine.mat"]
+        if raw.name.endswith("_T2w.nii.gz"):
+            chain.append(work / f"anat_{key.replace('T2w', 'T1w')}" / "register"
+                         / "xfm_0GenericAffine.mat")
+        expected = ants.apply_transforms(
+            ants.image_read(str(raw), pixeltype="float"),
+            ants.image_read(str(_derivative(out, raw, f"space-{TEMPLATE}_desc-harmonized")),
+                            pixeltype="float"),
+            transformlist=[str(path) for path in chain], whichtoinvert=[True] * len(chain),
+        ).numpy()
+        native = np.asarray(nb.load(_derivative(out, raw, "desc-harmonized")).dataobj)
+        assert np.abs(native - expected).max() < 0.01, raw.name
+
+
 def test_input_untouched_and_resume(demo_run: dict) -> None:
     out, bids = demo_run["out"], demo_run["bids"]
     assert _tree_digest(bids) == demo_run["before"]
