@@ -284,6 +284,23 @@ def test_cli_writes_replaces_and_refuses(
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
 
 
+def test_cli_writes_a_templateflow_home_the_app_uses(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--templateflow-home`` holds the bundled template at 1 and 2 mm, which a run with
+    that home takes without writing one in its work directory."""
+    from bids_harmony.data.templates import BUNDLED_TEMPLATE, resolve_template
+
+    home = tmp_path / "templateflow"
+    assert main([str(tmp_path / "bids"), "--subjects", "1", "--sites", "2", "--sequences",
+                 "T1w", "--templateflow-home", str(home)]) == 0
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(home))
+    for resolution in (1, 2):
+        template = resolve_template(None, resolution, tmp_path / "work")
+        assert template.name == BUNDLED_TEMPLATE and template.brain.parent.parent == home
+        assert template.brain.stat().st_size > 0 and template.mask.stat().st_size > 0
+    assert not (tmp_path / "work").exists()
+
+
 def test_cli_missing_ixi_dir_names_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "no-ixi"
     assert main([str(tmp_path / "out"), "--anatomy", "ixi", "--ixi-dir", str(missing)]) == 66
