@@ -19,6 +19,7 @@ from nipype.interfaces.base import (
 from scipy import ndimage
 
 from bids_harmony.errors import DataError
+from bids_harmony.interfaces import WORK_IMAGE_EXTENSION
 
 #: Foreground is ``|x| > BACKGROUND_LEVEL * p99(|x| over non-zero voxels)``: resampled templates
 #: carry denormal or tiny non-zero values in their "zero" background (nilearn's 2 mm MNI152).
@@ -162,7 +163,7 @@ class BrainExtraction(SimpleInterface):
             nib.Nifti1Image(data * mask, image.affine, header).to_filename(out_file)
         mask_header = image.header.copy()
         mask_header.set_data_dtype(np.uint8)
-        out_mask = Path(runtime.cwd) / "brainmask.nii.gz"
+        out_mask = Path(runtime.cwd) / f"brainmask{WORK_IMAGE_EXTENSION}"
         nib.Nifti1Image(mask.astype(np.uint8), image.affine, mask_header).to_filename(out_mask)
         self._results.update(
             out_file=str(out_file), out_mask=str(out_mask), was_skull_stripped=bool(stripped)

@@ -17,6 +17,7 @@ from nipype.interfaces.base import (
 
 from bids_harmony.errors import DataError
 from bids_harmony.imaging.edges import canny_edges_at_ratio
+from bids_harmony.interfaces import WORK_IMAGE_EXTENSION
 
 LOGGER = logging.getLogger("nipype.interface")
 
@@ -96,7 +97,7 @@ class CannyEdges(SimpleInterface):
             )
         header = image.header.copy()
         header.set_data_dtype(np.uint8)
-        out_file = Path(runtime.cwd) / "edges.nii.gz"
+        out_file = Path(runtime.cwd) / f"edges{WORK_IMAGE_EXTENSION}"
         nib.Nifti1Image(edges, image.affine, header).to_filename(out_file)
         self._results.update(out_file=str(out_file), threshold=threshold, achieved_ratio=achieved)
         return runtime

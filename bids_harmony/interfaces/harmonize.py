@@ -17,6 +17,8 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from bids_harmony.interfaces import WORK_IMAGE_EXTENSION
+
 
 class _HarmonizeInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="normalised image in template space")
@@ -54,7 +56,7 @@ class Harmonize(SimpleInterface):
         source = load_volume(self.inputs.in_file, self.inputs.mask_file,
                              {EDGES: self.inputs.edges_file})
         harmonized = harmonizer.transform(source, self.inputs.sequence)
-        out_file = os.path.join(runtime.cwd, "harmonized.nii.gz")
+        out_file = os.path.join(runtime.cwd, f"harmonized{WORK_IMAGE_EXTENSION}")
         out = nb.Nifti1Image(harmonized, image.affine, image.header)
         out.set_data_dtype(np.float32)
         out.to_filename(out_file)

@@ -17,6 +17,7 @@ from nipype.interfaces.base import (
 )
 
 from bids_harmony.errors import DataError
+from bids_harmony.interfaces import WORK_IMAGE_EXTENSION
 
 
 def n4_correct(
@@ -106,8 +107,8 @@ class N4BiasCorrection(SimpleInterface):
         header = image.header.copy()
         header.set_data_dtype(np.float32)
         for output_name, file_name, result in (
-            ("out_file", "corrected.nii.gz", corrected),
-            ("bias_field", "biasfield.nii.gz", bias_field),
+            ("out_file", f"corrected{WORK_IMAGE_EXTENSION}", corrected),
+            ("bias_field", f"biasfield{WORK_IMAGE_EXTENSION}", bias_field),
         ):
             out_path = Path(runtime.cwd) / file_name
             data = sitk.GetArrayFromImage(result).T

@@ -15,6 +15,7 @@ from nipype.interfaces.base import (
 )
 
 from bids_harmony.errors import DataError
+from bids_harmony.interfaces import WORK_IMAGE_EXTENSION
 
 
 def percentile_normalize(
@@ -84,7 +85,7 @@ class PercentileNormalize(SimpleInterface):
             ) from error
         header = image.header.copy()
         header.set_data_dtype(np.float32)
-        out_file = Path(runtime.cwd) / "normalized.nii.gz"
+        out_file = Path(runtime.cwd) / f"normalized{WORK_IMAGE_EXTENSION}"
         nib.Nifti1Image(normalized, image.affine, header).to_filename(out_file)
         self._results.update(
             out_file=str(out_file), lower_value=low_value, upper_value=high_value

@@ -17,6 +17,7 @@ from nipype.interfaces.base import (
 )
 
 from bids_harmony.errors import DataError
+from bids_harmony.interfaces import WORK_IMAGE_EXTENSION
 
 #: antspyx ``type_of_transform`` per option. ANTs 'Affine' starts from a centre-of-mass
 #: translation and fits a full affine; 'SyN' runs that affine stage and then SyN.
@@ -118,7 +119,7 @@ class RegisterToTemplate(SimpleInterface):
                 f"({error}); check that both are brain-extracted 3D images"
             ) from error
         inverse = list(result["invtransforms"])
-        warped_file = Path(runtime.cwd) / "warped.nii.gz"
+        warped_file = Path(runtime.cwd) / f"warped{WORK_IMAGE_EXTENSION}"
         _save_like(result["warpedmovout"].numpy(), nib.load(self.inputs.fixed_file),
                    np.float32, warped_file)
         self._results.update(
@@ -188,7 +189,7 @@ class ApplyTransforms(SimpleInterface):
         if self.inputs.interpolation in LABEL_INTERPOLATORS:
             data = np.rint(data)
             dtype = np.uint8 if data.min() >= 0 and data.max() <= 255 else np.int32
-        out_file = Path(runtime.cwd) / "resampled.nii.gz"
+        out_file = Path(runtime.cwd) / f"resampled{WORK_IMAGE_EXTENSION}"
         _save_like(data, nib.load(self.inputs.reference_file), dtype, out_file)
         self._results["out_file"] = str(out_file)
         return runtime
