@@ -21,12 +21,14 @@ def mask_desc(kind: str, image: AnatImage) -> str:
 def derivative_path(output_dir: Path, image: AnatImage, space: str | None, desc: str,
                     suffix: str | None = None, extension: str = ".nii.gz") -> Path:
     """Where the sink writes a derivative of ``image`` (entities keep the BIDS order)."""
-    stem = image.key[: -len(image.suffix) - 1]
-    parts = [stem] + ([f"space-{space}"] if space else []) + [f"desc-{desc}"]
-    folder = output_dir / f"sub-{image.subject}"
-    if image.session:
-        folder = folder / f"ses-{image.session}"
-    return folder / "anat" / f"{'_'.join(parts)}_{suffix or image.suffix}{extension}"
+    parts = [_stem(image)] + ([f"space-{space}"] if space else []) + [f"desc-{desc}"]
+    name = f"{'_'.join(parts)}_{suffix or image.suffix}{extension}"
+    return _anat_folder(output_dir, image) / name
+
+
+def sidecar_path(path: Path) -> Path:
+    """The JSON sidecar of a ``.nii.gz`` derivative."""
+    return path.with_name(path.name.removesuffix(".nii.gz") + ".json")
 
 
 def preprocessed_paths(output_dir: Path, image: AnatImage, space: str) -> dict[str, Path]:
@@ -42,6 +44,17 @@ def transform_path(output_dir: Path, image: AnatImage, source: str, target: str,
                    extension: str = ".h5") -> Path:
     """``from-<source>_to-<target>_mode-image_xfm``: the composite transform the sink writes
     between the image's own space (its suffix) and the template."""
-    stem = image.key[: -len(image.suffix) - 1]
-    return (derivative_path(output_dir, image, None, "x").parent
-            / f"{stem}_from-{source}_to-{target}_mode-image_xfm{extension}")
+    return (_anat_folder(output_dir, image)
+            / f"{_stem(image)}_from-{source}_to-{target}_mode-image_xfm{extension}")
+
+
+def _stem(image: AnatImage) -> str:
+    """The raw image's entities before its suffix, e.g. ``sub-01_ses-02``."""
+    return image.key[: -len(image.suffix) - 1]
+
+
+def _anat_folder(output_dir: Path, image: AnatImage) -> Path:
+    folder = output_dir / f"sub-{image.subject}"
+    if image.session:
+        folder = folder / f"ses-{image.session}"
+    return folder / "anat"

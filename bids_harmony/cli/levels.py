@@ -148,7 +148,7 @@ def preprocess(config: RunConfig, context: RunContext, model_dir: Path | None) -
         }
         todo = [
             image for image in context.images
-            if not (config.resume and image.key in preprocessed and _is_complete(
+            if not (image.key in preprocessed and _is_complete(
                 expected_outputs(config, image, context.template, model_dir is not None),
                 checksum,
             ))

@@ -129,10 +129,10 @@ def _plot_mosaic(path: Path, source: np.ndarray, harmonized: np.ndarray, edges: 
     slices = [(plane, axis, position) for plane, axis in PLANES for position in cuts[axis]]
     difference = np.where(mask, harmonized - source, 0.0)
     limit = max(float(np.abs(difference).max()), 1e-6)
-    gray = _strip(np.clip(source, 0.0, 1.0), slices)[0]
-    harmonized_strip = _strip(np.clip(harmonized, 0.0, 1.0), slices)[0]
-    edge_strip = _strip(edges.astype(np.float32), slices)[0] > 0.5
-    difference_strip = _strip(difference / (2 * limit) + 0.5, slices)[0]
+    gray = np.clip(_strip(source, slices), 0.0, 1.0)
+    harmonized_strip = np.clip(_strip(harmonized, slices), 0.0, 1.0)
+    edge_strip = _strip(edges, slices) > 0.5
+    difference_strip = _strip(difference, slices) / (2 * limit) + 0.5
 
     def as_rgb(strip: np.ndarray) -> np.ndarray:
         return np.repeat(np.nan_to_num(strip, nan=1.0)[..., None], 3, axis=2)
@@ -167,20 +167,18 @@ PIXELS_PER_MM = 1.0
 PNG_COMPRESSION = 1
 
 
-def _strip(volume: np.ndarray, slices: Sequence[tuple[str, int, int]]
-           ) -> tuple[np.ndarray, list[int]]:
+def _strip(volume: np.ndarray, slices: Sequence[tuple[str, int, int]]) -> np.ndarray:
     """The slices of ``volume`` (each transposed to display with the origin at the bottom)
-    side by side, bottom-aligned, NaN between and above them; and each slice's first column."""
+    side by side, bottom-aligned, NaN between and above them."""
     cuts = [volume[(slice(None),) * axis + (position,)].T for _, axis, position in slices]
     height = max(cut.shape[0] for cut in cuts)
     width = sum(cut.shape[1] for cut in cuts) + STRIP_GAP * (len(cuts) - 1)
     strip = np.full((height, width), np.nan, dtype=np.float32)
-    lefts, left = [], 0
+    left = 0
     for cut in cuts:
         strip[:cut.shape[0], left:left + cut.shape[1]] = cut
-        lefts.append(left)
         left += cut.shape[1] + STRIP_GAP
-    return strip, lefts
+    return strip
 
 
 def _slice_positions(mask: np.ndarray) -> dict[int, list[int]]:

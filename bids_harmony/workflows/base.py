@@ -22,6 +22,7 @@ from bids_harmony.bids.paths import (
     derivative_path,
     mask_desc,
     preprocessed_paths,
+    sidecar_path,
     transform_path,
 )
 from bids_harmony.config import RunConfig
@@ -48,9 +49,7 @@ def preprocessing_outputs(config: RunConfig, image: AnatImage, template: Templat
     masks, both transforms), each written after its data file."""
     out = config.output_dir
     return [
-        derivative_path(out, image, template.name, "preproc", extension=".json"),
-        derivative_path(out, image, template.name, mask_desc("brain", image), "mask", ".json"),
-        derivative_path(out, image, template.name, mask_desc("edges", image), "mask", ".json"),
+        *(sidecar_path(path) for path in preprocessed_paths(out, image, template.name).values()),
         transform_path(out, image, image.suffix, template.name, ".json"),
         transform_path(out, image, template.name, image.suffix, ".json"),
     ]
@@ -129,8 +128,8 @@ def init_bids_harmony_wf(
         for image in images:
             _connect_harmonization(workflow, branches[image.key], config, image, template,
                                    model_dir, card)
-    elif preprocessed:
-        workflow.add_nodes(list(branches[key] for key in preprocessed if key in branches))
+    else:  # nothing to connect them to: added for their methods text
+        workflow.add_nodes([branch for key, branch in branches.items() if key in preprocessed])
     return workflow
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from bids_harmony.bids.layout import AnatImage
-from bids_harmony.bids.paths import preprocessed_paths
+from bids_harmony.bids.paths import preprocessed_paths, sidecar_path
 from bids_harmony.config import RunConfig
 from bids_harmony.data.templates import TemplateFiles
 from bids_harmony.errors import DataError
@@ -51,8 +51,7 @@ def preprocessing_flags(config: RunConfig, image: AnatImage, template: TemplateF
                         ) -> list[str]:
     """The ``QCFlags`` the participant level wrote in the image's ``desc-preproc`` sidecar
     (:mod:`bids_harmony.metrics.preprocessing`)."""
-    sidecar = preprocessed_paths(config.output_dir, image, template.name)["preproc"]
-    sidecar = sidecar.with_name(sidecar.name.removesuffix(".nii.gz") + ".json")
+    sidecar = sidecar_path(preprocessed_paths(config.output_dir, image, template.name)["preproc"])
     if not sidecar.exists():  # written by an older version or another tool: not checked
         LOGGER.warning("%s is missing: its preprocessing QC is unknown", sidecar)
         return []
