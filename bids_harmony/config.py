@@ -82,6 +82,10 @@ class RunConfig:
     nprocs: int = 1
     omp_nthreads: int = 1
     mem_gb: float | None = None
+    #: Nipype execution plugin (``None``: MultiProc with ``nprocs`` > 1, else Linear).
+    plugin: str | None = None
+    #: ``--plugin-args`` as compact JSON text (an object).
+    plugin_args: str | None = None
     skip_bids_validation: bool = False
     skip_image_checks: bool = False
     keep_flagged: bool = False

@@ -44,3 +44,33 @@ def key_value(value: str) -> tuple[str, str]:
     if not separator or not key.strip() or not text:
         raise argparse.ArgumentTypeError(f"'{value}' is not KEY=VALUE (e.g. n_quantiles=512)")
     return key.strip(), text
+
+
+def plugin_args(value: str) -> str:
+    """``--plugin-args``: a JSON object, or the path of a JSON or YAML file holding one (what
+    Nipype's execution plugin receives as ``plugin_args``); returned as compact JSON, so the
+    run's config.toml keeps the values even when a file gave them."""
+    import json
+    from pathlib import Path
+
+    text = value
+    if not value.lstrip().startswith("{"):
+        path = Path(value)
+        if not path.is_file():
+            raise argparse.ArgumentTypeError(f"'{value}' is neither a JSON object nor a file")
+        text = path.read_text(encoding="utf-8")
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        import yaml
+
+        try:
+            parsed = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise argparse.ArgumentTypeError(
+                f"'{value}' is neither JSON nor YAML ({str(error).splitlines()[0]})"
+            ) from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"'{value}' does not hold a JSON object of "
+                                         "plugin arguments (e.g. {\"sbatch_args\": \"-p short\"})")
+    return json.dumps(parsed, sort_keys=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,8 +42,6 @@ from bids_harmony.workflows.citations import Methods, compose_methods
 
 LOGGER = logging.getLogger("bids_harmony")
 CITATION_FILE = "CITATION.md"
-#: Seconds Nipype's scheduler waits between two looks at its workers (its default is 2).
-POLL_SLEEP_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -227,36 +227,53 @@ def _with_session_references(todo: Sequence[AnatImage],
 
 
 def _run_workflow(workflow: object, config: RunConfig, images: Sequence[AnatImage]) -> None:
-    """Run with MultiProc when more than one process is allowed; summarise failures.
+    """Run with ``--plugin`` (default: MultiProc when more than one process is allowed, else
+    Linear) and its arguments; summarise failures.
 
     Nipype's defaults cost more than our nodes work: its scheduler sleeps 2 s between two
     looks at its workers, so every step of every image waited up to 2 s to be noticed (the
     demo's first participant level: 6.8 min for 4.5 min of node work on 2 cores), and
     ``content`` hashing reads every input file again to decide that a node is cached. Our
     nodes' inputs are files our own nodes wrote or the raw images, which change with their
-    modification time, so ``timestamp`` (path, size, mtime) is enough.
+    modification time, so ``timestamp`` (path, size, mtime) is enough. A batch plugin keeps
+    Nipype's 2 s: each look runs the scheduler's status command once per job.
     """
+    from bids_harmony.workflows.plugins import (
+        SUBMIT_AND_RETURN,
+        default_plugin,
+        plugin_arguments,
+        poll_seconds,
+        request_resources,
+    )
+
+    plugin = config.plugin or default_plugin(config.nprocs)
     config.log_dir.mkdir(parents=True, exist_ok=True)
     workflow.config["execution"].update({  # type: ignore[attr-defined]
         "crashdump_dir": str(config.log_dir),
         "crashfile_format": "txt",
         "stop_on_first_crash": False,
         "hash_method": "timestamp",
-        "poll_sleep_duration": POLL_SLEEP_SECONDS,
+        "poll_sleep_duration": poll_seconds(plugin),
         "remove_unnecessary_outputs": False,
     })
-    plugin_args: dict[str, object] = {"n_procs": config.nprocs, "raise_insufficient": False}
-    if config.mem_gb:
-        plugin_args["memory_gb"] = config.mem_gb
-    plugin = "MultiProc" if config.nprocs > 1 else "Linear"
+    given = json.loads(config.plugin_args) if config.plugin_args else {}
+    request_resources(workflow, plugin)
+    # Nipype's SLURM plugin names each job after $LOGNAME, which batch shells may not set.
+    os.environ.setdefault("LOGNAME", getpass.getuser())
     try:
-        workflow.run(plugin=plugin, plugin_args=plugin_args)  # type: ignore[attr-defined]
+        workflow.run(plugin=plugin,  # type: ignore[attr-defined]
+                     plugin_args=plugin_arguments(plugin, config.nprocs, config.mem_gb, given))
     except OSError as error:
         raise from_os_error(error, "the workflow stopped") from None
     except Exception as error:  # noqa: BLE001 (Nipype raises RuntimeError, or its own)
         raise crash_error(config.log_dir, images) or HarmonyError(
             f"the workflow stopped: {type(error).__name__}: {str(error).splitlines()[0]}"
         ) from None
+    if plugin in SUBMIT_AND_RETURN:
+        LOGGER.warning(
+            "submitted the workflow of %d image(s) to %s: its jobs write the derivatives as "
+            "they finish (step logs under %s); rerun the same command afterwards to check "
+            "that every image is complete", len(images), plugin, config.work_dir)
 
 
 def crash_error(log_dir: Path, images: Sequence[AnatImage]) -> HarmonyError | None:

@@ -14,9 +14,17 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from bids_harmony import __version__
-from bids_harmony.cli.argtypes import device, key_value, positive_float, positive_int, ratio
+from bids_harmony.cli.argtypes import (
+    device,
+    key_value,
+    plugin_args,
+    positive_float,
+    positive_int,
+    ratio,
+)
 from bids_harmony.errors import ExitCode, UsageError
 from bids_harmony.harmonizers.registry import HARMONIZERS, HarmonizerRegistry
+from bids_harmony.workflows.plugins import NIPYPE_PLUGINS
 
 POSITIONALS = ("bids_dir", "output_dir", "analysis_level")
 
@@ -166,6 +174,15 @@ def build_parser(file_values: Mapping[str, Any] | None = None,
                       help="threads per process for registration (default: %(default)s)")
     perf.add_argument("--mem-gb", type=positive_float, default=None,
                       help="memory limit in GB")
+    perf.add_argument("--plugin", choices=list(NIPYPE_PLUGINS), default=None,
+                      help="Nipype execution plugin (default: MultiProc with --nprocs > 1, "
+                           "else Linear); SLURM, SGE, PBS, LSF, Condor and OAR submit each "
+                           "step as a job and wait; SLURMGraph, SGEGraph, PBSGraph and DAGMan "
+                           "submit the whole graph and return (participant level only)")
+    perf.add_argument("--plugin-args", type=plugin_args, default=None, metavar="JSON|FILE",
+                      help="the plugin's arguments: a JSON object or a JSON/YAML file, e.g. "
+                           "'{\"sbatch_args\": \"-p short -t 30\"}' (MultiProc: n_procs and "
+                           "memory_gb come from --nprocs and --mem-gb unless given here)")
     perf.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                       help="skip images whose outputs already exist (default: on)")
     perf.add_argument("-v", "--verbose", action="count", default=0,

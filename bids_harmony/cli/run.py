@@ -139,6 +139,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
 
     params = _checked_harmonizer_params(args)
     _check_device(args.device)
+    _check_plugin(args.plugin, args.analysis_level)
     bids_dir = Path(args.bids_dir).resolve()
     output_dir = Path(args.output_dir).resolve()
     if not bids_dir.is_dir():
@@ -193,6 +194,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         nprocs=args.nprocs,
         omp_nthreads=args.omp_nthreads,
         mem_gb=args.mem_gb,
+        plugin=args.plugin,
+        plugin_args=args.plugin_args,
         skip_bids_validation=args.skip_bids_validation,
         skip_image_checks=args.skip_image_checks,
         keep_flagged=args.keep_flagged,
@@ -215,6 +218,18 @@ def _check_device(device: str) -> None:
         seen = f"{count} CUDA device(s)" if count else "no CUDA device"
         raise UsageError(f"--device {device}: torch {torch.__version__} sees {seen}; use "
                          "--device auto or cpu, or run on a machine with that GPU")
+
+
+def _check_plugin(plugin: str | None, level: str) -> None:
+    """A plugin that submits the graph and returns cannot precede the group level's fit."""
+    from bids_harmony.workflows.plugins import SUBMIT_AND_RETURN
+
+    if level == "group" and plugin in SUBMIT_AND_RETURN:
+        raise UsageError(
+            f"--plugin {plugin} submits the workflow and returns before it has run, so the "
+            "group level could not fit on its results; run the participant level with it, "
+            "then the group level with --plugin SLURM (or MultiProc) once its jobs are done"
+        )
 
 
 def _strip(label: str, prefix: str) -> str:

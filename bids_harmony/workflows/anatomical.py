@@ -15,6 +15,7 @@ from bids_harmony.interfaces.n4 import N4BiasCorrection
 from bids_harmony.interfaces.normalize import PercentileNormalize
 from bids_harmony.interfaces.preprocessing_qc import PreprocessingQC
 from bids_harmony.interfaces.registration import ApplyTransforms, RegisterToTemplate
+from bids_harmony.workflows.plugins import node_resources
 
 OUTPUT_FIELDS = [
     "reoriented", "brain", "native_mask", "was_skull_stripped",
@@ -70,30 +71,37 @@ def init_anat_preproc_wf(
     )
     outputnode = pe.Node(niu.IdentityInterface(fields=OUTPUT_FIELDS), name="outputnode")
 
+    def estimate(step: str) -> dict[str, float]:
+        return node_resources(step, template.resolution, omp_nthreads)
+
     reorient = pe.Node(Reorient(orientation="RAS"), name="reorient")
-    n4 = pe.Node(N4BiasCorrection(shrink_factor=4), name="n4")
-    skullstrip = pe.Node(BrainExtraction(skull_stripped=skull_stripped), name="skullstrip")
+    n4 = pe.Node(N4BiasCorrection(shrink_factor=4), name="n4", **estimate("n4"))
+    skullstrip = pe.Node(BrainExtraction(skull_stripped=skull_stripped), name="skullstrip",
+                         **estimate("skullstrip"))
     register = pe.Node(
         RegisterToTemplate(
             transform_type="rigid" if via_reference else registration,
             metric="mattes", random_seed=seed, num_threads=omp_nthreads,
         ),
-        name="register", n_procs=omp_nthreads,
+        name="register", **estimate("register"),
     )
     chain = pe.Node(niu.Function(function=_chain_transforms,
                                  output_names=["forward", "inverse", "invert_flags"]),
                     name="chain_transforms", run_without_submitting=True)
     warp_brain = pe.Node(ApplyTransforms(reference_file=str(template.brain),
-                                         interpolation="linear"), name="warp_brain")
+                                         interpolation="linear"), name="warp_brain",
+                         **estimate("warp_brain"))
     warp_mask = pe.Node(ApplyTransforms(reference_file=str(template.brain),
-                                        interpolation="nearestNeighbor"), name="warp_mask")
+                                        interpolation="nearestNeighbor"), name="warp_mask",
+                        **estimate("warp_mask"))
     normalize = pe.Node(PercentileNormalize(lower=NORMALIZATION_PERCENTILES[0],
                                             upper=NORMALIZATION_PERCENTILES[1]),
-                        name="normalize")
+                        name="normalize", **estimate("normalize"))
     edges = pe.Node(CannyEdges(edge_ratio=edge_ratio, denominator=PIPELINE_DENOMINATOR),
-                    name="edges")
+                    name="edges", **estimate("edges"))
     qc = pe.Node(PreprocessingQC(template_file=str(template.brain),
-                                 template_mask=str(template.mask)), name="preprocessing_qc")
+                                 template_mask=str(template.mask)), name="preprocessing_qc",
+                 **estimate("preprocessing_qc"))
 
     workflow.connect([
         (inputnode, reorient, [("in_file", "in_file")]),

@@ -214,6 +214,7 @@ def _connect_harmonization(workflow: Workflow, preproc_wf: Workflow, config: Run
         metadata={"Sources": _sources(image), "Site": image.site, "Template": template.name,
                   "SkullStripped": True},
         native_reference=image.path if config.native_output else None,
+        resolution=template.resolution,
         name=_workflow_name("harmonize", image),
     )
     ds_harmonized_wf = init_ds_harmonized_wf(

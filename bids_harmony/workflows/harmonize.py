@@ -13,6 +13,7 @@ from bids_harmony.errors import DataError
 from bids_harmony.harmonizers import HARMONIZERS
 from bids_harmony.interfaces.harmonize import Harmonize
 from bids_harmony.interfaces.registration import ApplyTransforms
+from bids_harmony.workflows.plugins import node_resources
 
 
 def init_harmonize_wf(
@@ -23,6 +24,7 @@ def init_harmonize_wf(
     sequence: str,
     metadata: dict[str, Any],
     native_reference: Path | None = None,
+    resolution: int = 1,
     name: str = "harmonize_wf",
 ) -> Workflow:
     """Apply the ``method`` model in ``model_dir`` to the template-space image; with a
@@ -32,6 +34,9 @@ def init_harmonize_wf(
     conditioned on edges sees the ``desc-edges`` map the user sees. ``metadata`` (sources,
     site, template) joins the fields the model reports (method, target, checksum, QC) in
     the sidecar of both outputs.
+
+    ``resolution`` (the template grid in mm) sizes the steps' memory estimates
+    (:func:`~bids_harmony.workflows.plugins.node_resources`).
 
     Inputs: ``preproc``, ``mask``, ``edges``; with a ``native_reference`` also
     ``inverse_transforms`` and ``inverse_invert_flags`` (template to image, ANTs order).
@@ -46,7 +51,7 @@ def init_harmonize_wf(
     outputnode = pe.Node(niu.IdentityInterface(fields=["harmonized", "native", "metadata"]),
                          name="outputnode")
     harmonize = pe.Node(Harmonize(model_dir=str(model_dir), sequence=sequence),
-                        name="harmonize")
+                        name="harmonize", **node_resources("harmonize", resolution, 1))
     sidecar = pe.Node(niu.Function(function=_merge_metadata, output_names=["meta"]),
                       name="harmonized_metadata", run_without_submitting=True)
     sidecar.inputs.static = dict(metadata)
@@ -59,7 +64,8 @@ def init_harmonize_wf(
     ])
     if native_reference is not None:
         to_native = pe.Node(ApplyTransforms(reference_file=str(native_reference),
-                                            interpolation="linear"), name="to_native")
+                                            interpolation="linear"), name="to_native",
+                            **node_resources("to_native", resolution, 1))
         workflow.connect([
             (harmonize, to_native, [("out_file", "in_file")]),
             (inputnode, to_native, [("inverse_transforms", "transforms"),

@@ -1,0 +1,27 @@
+#!/bin/bash
+# The whole BIDS-App chain on SLURM: a participant array (preprocessing), the group level
+# after it (fit), then a second participant array that applies the fitted model (finished
+# preprocessing is read back, not redone). Each stage starts only if the one before succeeded.
+#   examples/slurm/submit.sh BIDS OUT [bids_harmony options, e.g. --method histmatch]
+# MAX_PARALLEL caps the tasks running at once (default 50); PARTICIPANT_SBATCH and
+# GROUP_SBATCH add sbatch options to each stage (e.g. "-p short --mem=4G"; they override the
+# scripts' #SBATCH lines); BIDS_HARMONY (the command, see participant.sbatch) is passed on.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+BIDS=$(cd "$1" && pwd)
+mkdir -p "$2"
+OUT=$(cd "$2" && pwd)
+shift 2
+COUNT=$(( $(wc -l < "$BIDS/participants.tsv") - 1 ))
+ARRAY="--array=1-$COUNT%${MAX_PARALLEL:-50}"
+LOGS="$OUT/logs/slurm"
+mkdir -p "$LOGS"
+read -r -a PARTICIPANT <<< "${PARTICIPANT_SBATCH:-}"
+read -r -a GROUP <<< "${GROUP_SBATCH:-}"
+preprocess=$(sbatch --parsable "${PARTICIPANT[@]}" "$ARRAY" -o "$LOGS/participant-%A_%a.out" \
+             "$HERE/participant.sbatch" "$BIDS" "$OUT" "$@")
+group=$(sbatch --parsable "${GROUP[@]}" --dependency="afterok:$preprocess" -o "$LOGS/group-%j.out" \
+        "$HERE/group.sbatch" "$BIDS" "$OUT" "$@")
+apply=$(sbatch --parsable "${PARTICIPANT[@]}" --dependency="afterok:$group" "$ARRAY" \
+        -o "$LOGS/apply-%A_%a.out" "$HERE/participant.sbatch" "$BIDS" "$OUT" "$@")
+echo "participant array $preprocess, group $group, apply array $apply (logs: $LOGS)"
