@@ -71,6 +71,13 @@ def test_help_is_fast_and_lists_the_registry() -> None:
          ["--harmonizer-param", "'quantiles' is not KEY=VALUE"]),
         (["group", "--method", "blindharmony", "--harmonizer-param", "device=cpu"], 64,
          ["--harmonizer-param device", "set it with --device"]),
+        (["participant", "--plugin", "Torque"], 64, ["--plugin", "'Torque'", "SLURMGraph"]),
+        (["participant", "--plugin-args", "{sbatch_args: [}"], 64,
+         ["--plugin-args", "neither JSON nor YAML"]),
+        (["participant", "--plugin-args", "no_such_file.json"], 64,
+         ["--plugin-args", "neither a JSON object nor a file"]),
+        (["group", "--plugin", "SLURMGraph"], 64,
+         ["--plugin SLURMGraph submits the workflow and returns", "--plugin SLURM"]),
     ],
 )
 def test_usage_errors(tmp_path: Path, demo_bids: Path, argv_tail: list[str], expected: int,
@@ -155,6 +162,20 @@ def test_config_snapshot_is_written(tmp_path: Path, demo_bids: Path,
     assert config["analysis_level"] == "participant"
     assert config["bids_dir"] == str(demo_bids)
     assert json.loads((demo_bids / "dataset_description.json").read_text())["DatasetType"] == "raw"
+
+
+def test_plugin_args_from_a_yaml_file_are_kept_in_the_snapshot(
+        tmp_path: Path, demo_bids: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    arguments = tmp_path / "slurm.yaml"
+    arguments.write_text("sbatch_args: -p short --mem=6G\nmax_jobs: 40\n")
+    code, _ = _run([str(demo_bids), str(tmp_path / "out"), "participant", "--suffix", "FLAIR",
+                    "--plugin", "SLURM", "--plugin-args", str(arguments)], capsys)
+    assert code == 18
+    config = tomllib.loads(next((tmp_path / "out" / "logs").glob("*/config.toml"))
+                           .read_text())["bids_harmony"]
+    assert config["plugin"] == "SLURM"
+    assert json.loads(config["plugin_args"]) == {"sbatch_args": "-p short --mem=6G",
+                                                 "max_jobs": 40}
 
 
 def test_readme_documents_every_option() -> None:

@@ -149,6 +149,7 @@ def test_harmonized_outputs_and_sidecars(demo_run: dict) -> None:
         assert meta["HarmonizationMethod"] == "histmatch"
         assert meta["TargetSite"] == "SiemensTrio3T"
         assert meta["ModelChecksum"] == checksum
+        assert meta["ModelCard"] == "bids::models/histmatch_SiemensTrio3T/model_card.json"
         assert 0.8 < meta["QC"]["structural_ssim"] <= 1.0
         assert 0.8 < meta["QC"]["ncc_vs_source"] <= 1.0
         native = _derivative(out, raw, "desc-harmonized")

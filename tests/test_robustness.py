@@ -26,40 +26,13 @@ import pytest
 
 from bids_harmony.cli.run import main
 from bids_harmony.errors import ExitCode
+from outputs import output_content
 
 pytestmark = pytest.mark.slow
 
 COMMON = ["--resolution", "2", "--nprocs", "1", "--suffix", "T1w"]
 IMAGE = Path("sub-01/ses-01/anat/sub-01_ses-01_T1w.nii.gz")
 T2W = Path("sub-01/ses-01/anat/sub-01_ses-01_T2w.nii.gz")
-
-
-@pytest.fixture(scope="module")
-def small_bids(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two demo subjects, one real-looking session each at its own site: sub-01 T1w (and a
-    T2w, for the wrong-sequence case) at site 1, sub-02 T1w at site 2."""
-    from bids_harmony.data.demo import generate_demo_dataset
-
-    root = generate_demo_dataset(tmp_path_factory.mktemp("robust") / "bids", n_subjects=2,
-                                 n_sites=2, seed=3)
-    shutil.rmtree(root / "derivatives", ignore_errors=True)
-    sites = {subject: dict(line.split("\t") for line in
-                           (root / subject / f"{subject}_sessions.tsv").read_text()
-                           .splitlines()[1:]) for subject in ("sub-01", "sub-02")}
-    second = next(ses for ses, site in sites["sub-02"].items()
-                  if site != sites["sub-01"]["ses-01"])
-    keep = {"sub-01": "ses-01", "sub-02": second}
-    for subject, session in keep.items():
-        for other in sites[subject]:
-            if other != session:
-                shutil.rmtree(root / subject / other)
-        table = root / subject / f"{subject}_sessions.tsv"
-        lines = table.read_text().splitlines()
-        table.write_text("\n".join([lines[0], *[ln for ln in lines[1:]
-                                                 if ln.startswith(session)]]) + "\n")
-    for path in root.glob("sub-02/ses-*/anat/*T2w*"):
-        path.unlink()
-    return root
 
 
 def _tree_digest(root: Path) -> str:
@@ -405,30 +378,6 @@ def _kill_when(process: subprocess.Popen[str], ready: Callable[[], bool],
     process.wait(timeout=60)
 
 
-def _outputs(out: Path) -> dict[str, object]:
-    """What a run wrote, by content: image data and affine, JSON as parsed, text as is
-    (gzip headers and logs carry times and run ids)."""
-    content: dict[str, object] = {}
-    for path in sorted(out.rglob("*")):
-        relative = path.relative_to(out).as_posix()
-        if not path.is_file() or relative.startswith((".bids_harmony_work", "logs/")):
-            continue
-        if path.name.endswith(".nii.gz"):
-            image = nb.load(path)
-            content[relative] = (hashlib.sha256(np.asarray(image.dataobj).tobytes()).hexdigest(),
-                                 image.affine.round(4).tolist())
-        elif path.suffix == ".json":
-            content[relative] = json.loads(path.read_text())
-        elif path.suffix in (".tsv", ".md"):
-            content[relative] = path.read_text()
-        elif path.suffix == ".npz":
-            with np.load(path) as npz:
-                content[relative] = {k: npz[k].tolist() for k in npz.files}
-        else:
-            content[relative] = "present"
-    return content
-
-
 @pytest.fixture(scope="module")
 def parallel_run(small_bids: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two participant jobs at once on one output, as a SLURM array runs them."""
@@ -458,8 +407,8 @@ def test_the_same_participant_twice_at_once(small_bids: Path, parallel_run: Path
             for _ in range(2)]
     for code, output in (_finish(job) for job in jobs):
         assert code == 0, output[-3000:]
-    reference = {k: v for k, v in _outputs(parallel_run).items() if "sub-02" not in k}
-    assert _outputs(out) == reference
+    reference = {k: v for k, v in output_content(parallel_run).items() if "sub-02" not in k}
+    assert output_content(out) == reference
     assert not _partials(out)
 
 
@@ -478,7 +427,7 @@ def test_sigkill_in_the_participant_level_then_rerun(kill_point: str, small_bids
     _kill_when(_cli(*args), ready)
     code, output = _finish(_cli(*args))
     assert code == 0, output[-3000:]
-    assert _outputs(out) == _outputs(parallel_run)
+    assert output_content(out) == output_content(parallel_run)
     assert not _partials(out)
     assert _tree_digest(small_bids) == before
 
@@ -496,7 +445,7 @@ def test_sigkill_in_the_group_level_then_rerun(small_bids: Path, parallel_run: P
     code, output = _finish(_cli(small_bids, killed, "group", *group))
     assert code == 0, output[-3000:]
     assert not _partials(killed)
-    expected, got = _outputs(reference), _outputs(killed)
+    expected, got = output_content(reference), output_content(killed)
     assert sorted(expected) == sorted(got)
     for key in expected:
         if "models/" in key or key.endswith((".tsv", "_T1w.json")):

@@ -257,7 +257,7 @@ def _run_workflow(workflow: object, config: RunConfig, images: Sequence[AnatImag
         "remove_unnecessary_outputs": False,
     })
     given = json.loads(config.plugin_args) if config.plugin_args else {}
-    request_resources(workflow, plugin)
+    request_resources(workflow, plugin, given)
     # Nipype's SLURM plugin names each job after $LOGNAME, which batch shells may not set.
     os.environ.setdefault("LOGNAME", getpass.getuser())
     try:

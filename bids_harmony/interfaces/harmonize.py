@@ -68,7 +68,6 @@ class Harmonize(SimpleInterface):
         self._results["metadata"] = {
             "HarmonizationMethod": harmonizer.name,
             "TargetSite": harmonizer.target_site_,
-            "ModelCard": str(card),
             "ModelChecksum": model_checksum(card.parent),
             "Parameters": harmonizer.params,
             "QC": {key: _json_number(value) for key, value in metrics.items()},

@@ -27,7 +27,7 @@ from bids_harmony.bids.paths import (
 )
 from bids_harmony.config import RunConfig
 from bids_harmony.data.templates import TemplateFiles
-from bids_harmony.harmonizers.base import read_model_card
+from bids_harmony.harmonizers.base import MODEL_CARD, read_model_card
 from bids_harmony.workflows.anatomical import (
     NORMALIZATION_PERCENTILES,
     OUTPUT_FIELDS,
@@ -212,7 +212,8 @@ def _connect_harmonization(workflow: Workflow, preproc_wf: Workflow, config: Run
         model_dir=model_dir, method=card["method"], target_site=card["target_site"],
         sequence=image.suffix,
         metadata={"Sources": _sources(image), "Site": image.site, "Template": template.name,
-                  "SkullStripped": True},
+                  "SkullStripped": True,
+                  "ModelCard": _model_card_uri(model_dir, config.output_dir)},
         native_reference=image.path if config.native_output else None,
         resolution=template.resolution,
         name=_workflow_name("harmonize", image),
@@ -253,6 +254,16 @@ def _workflow_name(kind: str, image: AnatImage) -> str:
 def _sources(image: AnatImage) -> list[str]:
     """The BIDS URI of the raw image, the ``Sources`` of every derivative."""
     return [f"bids:raw:{image.path.relative_to(_bids_root(image)).as_posix()}"]
+
+
+def _model_card_uri(model_dir: Path, output_dir: Path) -> str:
+    """The model card as a BIDS URI into this derivatives dataset (``bids::models/...``), so
+    the sidecars stay true when the dataset moves; a ``--model`` from elsewhere by its path."""
+    card = (model_dir / MODEL_CARD).resolve()
+    try:
+        return f"bids::{card.relative_to(output_dir.resolve()).as_posix()}"
+    except ValueError:
+        return str(card)
 
 
 def _bids_root(image: AnatImage) -> Path:

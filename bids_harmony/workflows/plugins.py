@@ -96,18 +96,26 @@ def node_resources(name: str, resolution: int, omp_nthreads: int) -> dict[str, A
     }
 
 
-def request_resources(workflow: Any, plugin: str) -> None:
+def request_resources(workflow: Any, plugin: str, given: Mapping[str, Any]) -> None:
     """Give each node of ``workflow`` its scheduler request: for SLURM plugins,
     ``--cpus-per-task`` and ``--mem`` from the node's ``n_procs`` and ``mem_gb``.
 
-    Appended to ``sbatch_args`` of ``--plugin-args`` (Nipype joins the two; the leading
-    space keeps SLURMGraph's plain concatenation apart).
+    Nipype appends a node's ``sbatch_args`` to those of ``--plugin-args`` (``given``), and
+    sbatch takes the last of a repeated option, so a request the user spelled out there
+    (``--mem``, ``--cpus-per-task``, ``-c``) is left out rather than overridden.
     """
     if plugin not in ("SLURM", "SLURMGraph"):
         return
+    user = str(given.get("sbatch_args", "")).split()
+    user_sets = {option: any(arg in aliases or arg.startswith(option + "=") for arg in user)
+                 for option, aliases in (("--cpus-per-task", ("--cpus-per-task", "-c")),
+                                         ("--mem", ("--mem",)))}
     for node in workflow._get_all_nodes():
-        megabytes = math.ceil(float(node.mem_gb) * 1024)
-        node.plugin_args = {
-            **node.plugin_args,
-            "sbatch_args": f" --cpus-per-task={node.n_procs} --mem={megabytes}M",
-        }
+        request = []
+        if not user_sets["--cpus-per-task"]:
+            request.append(f"--cpus-per-task={node.n_procs}")
+        if not user_sets["--mem"]:
+            request.append(f"--mem={math.ceil(float(node.mem_gb) * 1024)}M")
+        if request:
+            # The leading space keeps SLURMGraph's plain concatenation apart.
+            node.plugin_args = {**node.plugin_args, "sbatch_args": " " + " ".join(request)}

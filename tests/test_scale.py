@@ -1,0 +1,94 @@
+"""Participants on a real (one-node, localhost) SLURM cluster, by both routes the README
+documents: Nipype's ``SLURMGraph`` plugin and a job array of whole participant runs
+(``examples/slurm``). Each must write exactly what a local MultiProc run writes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from outputs import content_differences, output_content
+from slurm_cluster import local_cluster, missing_binaries, wait_for_jobs
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["--resolution", "2", "--suffix", "T1w"]
+APP = [sys.executable, "-m", "bids_harmony"]
+QUEUE_SECONDS = 900
+
+
+def _cli(*args: str | Path, env: dict[str, str] | None = None) -> None:
+    result = subprocess.run([*APP, *map(str, args)], capture_output=True, text=True,
+                            timeout=1200, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"no SLURM here ({', '.join(missing)} missing; .ci/run installs "
+                    "Debian's slurm-wlm and munge)")
+    # Daemons' sockets and state want a short path that every job can reach.
+    with local_cluster(tmp_path_factory.mktemp("slurm")) as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def reference(small_bids: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """The three-step chain with MultiProc: what every scheduler must reproduce."""
+    out = tmp_path_factory.mktemp("multiproc") / "out"
+    _cli(small_bids, out, "participant", *COMMON, "--nprocs", "2")
+    preprocessed = output_content(out)
+    _cli(small_bids, out, "group", *COMMON, "--nprocs", "2")
+    _cli(small_bids, out, "participant", *COMMON, "--nprocs", "2")
+    return {"preprocessed": preprocessed, "harmonized": output_content(out)}
+
+
+def test_the_participant_level_through_slurm_graph(cluster: dict[str, str], small_bids: Path,
+                                                   reference: dict[str, dict],
+                                                   tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _cli(small_bids, out, "participant", *COMMON, "--plugin", "SLURMGraph",
+         "-w", tmp_path / "work", env=cluster)
+    wait_for_jobs(cluster, QUEUE_SECONDS)
+    batch = tmp_path / "work" / "bids_harmony_wf" / "batch"
+    register = [line for line in (batch / "submit_jobs.sh").read_text().splitlines()
+                if "_register=$(sbatch" in line]
+    assert len(register) == 2 and all("--cpus-per-task=1 --mem=" in ln for ln in register)
+    assert len(list(batch.glob("*.sh.o"))) > 20  # every node ran as a SLURM job
+    differences = content_differences(output_content(out), reference["preprocessed"])
+    assert not differences, "\n".join(differences)
+
+
+def test_the_job_array_route(cluster: dict[str, str], small_bids: Path,
+                             reference: dict[str, dict], tmp_path: Path) -> None:
+    """``examples/slurm/submit.sh``: a participant array, the group job, an apply array."""
+    out = tmp_path / "out"
+    env = {**cluster, "BIDS_HARMONY": " ".join(APP), "MAX_PARALLEL": "2",
+           "PARTICIPANT_SBATCH": "--cpus-per-task=1 --mem=2G",
+           "GROUP_SBATCH": "--cpus-per-task=2 --mem=3G"}
+    submitted = subprocess.run(["bash", ROOT / "examples" / "slurm" / "submit.sh", small_bids,
+                                out, *COMMON], env=env, capture_output=True, text=True,
+                               timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    wait_for_jobs(cluster, QUEUE_SECONDS)
+    logs = sorted((out / "logs" / "slurm").glob("*.out"))
+    assert [log.name.split("-")[0] for log in logs].count("participant") == 2, logs
+    differences = content_differences(output_content(out), reference["harmonized"])
+    assert not differences, "\n".join(differences)
+
+
+def test_an_array_task_past_the_table_fails_clearly(small_bids: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "3", "BIDS_HARMONY": "false"}
+    result = subprocess.run(["bash", ROOT / "examples" / "slurm" / "participant.sbatch",
+                             small_bids, tmp_path / "out"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 64
+    assert "participants.tsv has no line for array task 3" in result.stderr
