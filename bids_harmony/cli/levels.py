@@ -99,14 +99,29 @@ def run_participant(config: RunConfig) -> None:
 
 
 def run_group(config: RunConfig) -> None:
-    """Preprocess what is missing, fit the harmonizer on all images, write group QC."""
+    """Preprocess what is missing, fit the harmonizer on all images, write group QC.
+
+    Under ``torchrun --nproc-per-node N`` the N ranks each run this: the image locks let
+    one preprocess while the others wait and find the outputs complete, all ranks join the
+    process group only then (so no collective waits on preprocessing) and train together,
+    and rank 0 alone saves the model and writes the reports.
+    """
+    from bids_harmony.nn import distributed
+    from bids_harmony.nn.device import resolve_device
     from bids_harmony.reports import write_group_outputs
     from bids_harmony.workflows.group import fit_group
     from bids_harmony.workflows.harmonize import harmonization_desc
 
     context = prepare(config)
     description = preprocess(config, context, model_dir=None)
-    fit = fit_group(config, context.images, context.template)
+    distributed.start(resolve_device(config.device))
+    try:
+        fit = fit_group(config, context.images, context.template)
+    finally:
+        distributed.stop()
+    if fit is None:
+        LOGGER.info("training done on this rank; rank 0 saves the model and the reports")
+        return
     n_sites = len({image.site for image in context.images})
     methods = compose_methods([description, harmonization_desc(
         config.method, fit.harmonizer.target_site_,

@@ -15,7 +15,7 @@ the model card says when the flow adds nothing over the NCC walk.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -37,6 +37,7 @@ from bids_harmony.harmonizers.learned import (
 )
 from bids_harmony.metrics import psnr
 from bids_harmony.nn import Monitor, checkpoint_path, fingerprint, train
+from bids_harmony.nn import distributed
 from bids_harmony.nn.device import resolve_device, validate_device
 from bids_harmony.nn.guidance import relative_ncc_step
 from bids_harmony.nn.spline_flow import FlowArchitecture, SplineFlow, build_spline_flow
@@ -349,10 +350,12 @@ def dequantize(images: torch.Tensor, bits: int, generator: torch.Generator) -> t
     return (quantized + noise) / levels
 
 
-def bits_per_pixel(flow: SplineFlow, images: torch.Tensor, bits: int) -> torch.Tensor:
-    """Mean negative log-likelihood in bits per pixel of the ``bits``-bit discrete images."""
+def bits_per_pixel(log_prob: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                   bits: int) -> torch.Tensor:
+    """Mean negative log-likelihood in bits per pixel of the ``bits``-bit discrete images
+    (``log_prob``: the flow's, or its training replica)."""
     pixels = images[0].numel()
-    nats = -flow.log_prob(images).mean() / pixels
+    nats = -log_prob(images).mean() / pixels
     return nats / math.log(2.0) + bits
 
 
@@ -366,10 +369,20 @@ def fit_flow(
     optimiser = torch.optim.Adam(flow.parameters(), lr=settings.learning_rate)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=settings.steps)
 
+    if distributed.world_size() > 1:
+        # ActNorm initialises itself from the first batch it sees in training mode, which
+        # differs between ranks: do it before DDP broadcasts rank 0's weights to all.
+        with torch.no_grad():
+            index = torch.randint(slices.shape[0], (settings.batch_size,),
+                                  generator=torch.Generator().manual_seed(settings.seed))
+            flow.log_prob(dequantize(slices[index], settings.dequantization_bits,
+                                     torch.Generator().manual_seed(settings.seed)).to(device))
+    log_prob = distributed.replicate(flow, "log_prob")
+
     def step_loss(rng: torch.Generator) -> torch.Tensor:
         index = torch.randint(slices.shape[0], (settings.batch_size,), generator=rng)
         batch = dequantize(slices[index], settings.dequantization_bits, rng).to(device)
-        return bits_per_pixel(flow, batch, settings.dequantization_bits)
+        return bits_per_pixel(log_prob, batch, settings.dequantization_bits)
 
     return train(
         flow, optimiser, step_loss, settings.steps, generator,
@@ -414,7 +427,7 @@ def flow_diagnostics(
         for values, out in ((target, bits), (shifted, bits_shifted)):
             centred = (np.floor(np.clip(values, 0, 1) * (quantize - 1)) + 0.5) / quantize
             out.append(float(bits_per_pixel(
-                flow, torch.from_numpy(centred).to(device), settings.dequantization_bits)))
+                flow.log_prob, torch.from_numpy(centred).to(device), settings.dequantization_bits)))
         middle = len(index) // 2
         chosen = slice(max(0, middle - DIAGNOSTIC_SLICES // 2),
                        middle - DIAGNOSTIC_SLICES // 2 + DIAGNOSTIC_SLICES)

@@ -43,6 +43,7 @@ from bids_harmony.nn import (
     train,
     warmup_schedule,
 )
+from bids_harmony.nn import distributed
 from bids_harmony.nn.device import resolve_device, validate_device
 from bids_harmony.nn.guidance import masked_ncc_ascent_step, relative_ncc_step
 from bids_harmony.nn.rectified_flow import PREDICTIONS, SOLVERS, integrate, rectified_flow_loss
@@ -565,9 +566,11 @@ def train_velocity_field(
         lambda: evaluate(model), settings.monitor_every
     )
 
+    replica = distributed.replicate(network)
+
     def step_loss(generator: torch.Generator) -> torch.Tensor:
         batch = training_batch(tensors, settings, generator).to(device)
-        return rectified_flow_loss(network, batch, generator, settings.prediction)
+        return rectified_flow_loss(replica, batch, generator, settings.prediction)
 
     losses = train(
         network, optimiser, step_loss, settings.steps,

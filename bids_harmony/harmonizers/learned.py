@@ -18,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 from bids_harmony.errors import DataError, UsageError
 from bids_harmony.harmonizers.base import Harmonizer
 from bids_harmony.harmonizers.registry import AUTO_PRESET, MACHINE_PRESET
+from bids_harmony.nn import distributed
 from bids_harmony.nn.device import resolve_device
 from bids_harmony.nn.stages import StageResult, run_stage
 from bids_harmony.volume import Volume
@@ -64,8 +65,9 @@ class LearnedHarmonizer(Harmonizer):
     def _add_to_card(self, card: dict[str, Any], staging: Path) -> None:
         """The training loss per sequence: a thinned curve in the card and a PNG beside it;
         the diagnostics and, where they say the model learned nothing, a warning (also
-        logged, and shown by the group report)."""
+        logged, and shown by the group report); how many ``torchrun`` processes trained it."""
         card["loss_curve"] = {}
+        card["training_processes"] = distributed.world_size()
         card["diagnostics"] = self.diagnostics()
         for sequence, diagnostics in card["diagnostics"].items():
             for warning in diagnostics["warnings"]:

@@ -54,6 +54,7 @@ from bids_harmony.nn.ddim import (
     timestep_grid,
     TRAINING_STEPS,
 )
+from bids_harmony.nn import distributed
 from bids_harmony.nn.device import resolve_device, validate_device
 from bids_harmony.nn.diffusion_unet import ConditionalDiffusionUNet
 from bids_harmony.nn.histogram import EmaRecord, gradient_map, gradient_scale, soft_histogram
@@ -360,10 +361,11 @@ class SGCD(LearnedHarmonizer):
         optimiser = torch.optim.Adam(network.parameters(), lr=settings.learning_rate)
         scheduler = warmup_schedule(optimiser, settings.warmup_steps, settings.stage1_steps)
         tensors = [d.to_device(device) for d in data]
+        replica = distributed.replicate(network)
 
         def step(generator: torch.Generator) -> float:
             index = int(torch.randint(len(tensors), (1,), generator=generator))
-            loss = stage1_loss(network, record, tensors[index], labels[index], abar, settings,
+            loss = stage1_loss(replica, record, tensors[index], labels[index], abar, settings,
                                generator)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -371,6 +373,7 @@ class SGCD(LearnedHarmonizer):
                 torch.nn.utils.clip_grad_norm_(network.parameters(), settings.clip_norm)
             optimiser.step()
             scheduler.step()
+            distributed.average_buffers(record)
             return float(loss.detach())
 
         state = TrainingState({"network": network, "ema_record": record},
@@ -421,6 +424,7 @@ class SGCD(LearnedHarmonizer):
         targets = [i for i, s in enumerate(sites) if s == target_site]
         with torch.no_grad():
             target_styles = {i: style_vector(psi, tensors[i].image, unified_t[i]) for i in targets}
+        replica = distributed.replicate(network)
 
         def step(generator: torch.Generator) -> float:
             """A random source image with a random target image of its sequence: ``last_k``
@@ -430,9 +434,9 @@ class SGCD(LearnedHarmonizer):
             same = [i for i in targets if labels[i] == label]
             target = same[int(torch.randint(len(same), (1,), generator=generator))]
             chains = zip(
-                reverse_last_k(eps_function(network, tensors[source].condition, label),
+                reverse_last_k(eps_function(replica, tensors[source].condition, label),
                                noisy[source], grid_reverse, abar, settings.last_k),
-                reverse_last_k(eps_function(network, tensors[target].condition, label),
+                reverse_last_k(eps_function(replica, tensors[target].condition, label),
                                noisy[target], grid_reverse, abar, settings.last_k),
             )
             losses = []

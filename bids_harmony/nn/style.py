@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from bids_harmony.errors import UsageError
+from bids_harmony.nn import distributed
 from bids_harmony.nn.training import train
 
 PSI_BACKENDS = ("style-contrastive", "site-contrastive", "random-gram", "biomedclip", "clip")
@@ -436,6 +437,7 @@ def train_style_contrastive(
         SliceEncoder(generator=generator), SLICES_PER_AXIS, slice_size
     ).to(device)
     count = min(pairs, data.shape[0])
+    embed = distributed.replicate(encoder, "embed_slices")
 
     def step_loss(rng: torch.Generator) -> torch.Tensor:
         order = torch.randperm(data.shape[0], generator=rng)[:count]
@@ -443,7 +445,7 @@ def train_style_contrastive(
         batch = data[torch.cat([order, order.roll(-1)]).to(device)]
         styled = apply_style_transforms(batch, transforms, rng)
         positions = random_slice_positions(data.shape[2:], view_slices, rng)
-        embeddings = encoder.embed_slices(styled, positions)
+        embeddings = embed(styled, positions)
         first, second = (embeddings - embeddings.mean(dim=0)).chunk(2)
         return info_nce_loss(first, second)
 
@@ -481,6 +483,7 @@ def train_site_contrastive(
     encoder = TriPlanarEncoder(
         SliceEncoder(generator=generator), SLICES_PER_AXIS, slice_size
     ).to(device)
+    embed = distributed.replicate(encoder, "embed_slices")
 
     def step_loss(rng: torch.Generator) -> torch.Tensor:
         chosen = torch.cat([
@@ -489,7 +492,7 @@ def train_site_contrastive(
             for group in members
         ])
         positions = random_slice_positions(data.shape[2:], view_slices, rng)
-        embeddings = encoder.embed_slices(data[chosen.to(device)], positions)
+        embeddings = embed(data[chosen.to(device)], positions)
         return supervised_contrastive_loss(embeddings, labels[chosen].to(device))
 
     optimiser = torch.optim.Adam(encoder.parameters(), lr=LEARNING_RATE)

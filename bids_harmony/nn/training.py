@@ -10,6 +10,14 @@ have had (the generator state is restored, and every step draws its randomness f
 
 A :class:`Monitor` scores the model on held-out data every few steps and at the end, so a
 model card can say whether training learned anything; its history is checkpointed too.
+
+Under ``torchrun`` (:mod:`bids_harmony.nn.distributed`) every rank runs the same loop on its
+own random stream; the step must call its networks through
+:func:`~bids_harmony.nn.distributed.replicate` (checked after the first step: the ranks'
+weights must agree), the recorded loss is the mean over the ranks, and rank 0 writes the
+checkpoint with every rank's generator state, which each rank takes back on resume.
+Running statistics (batch norm's) are averaged over the ranks whenever the model is
+evaluated, checkpointed or returned.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 from bids_harmony.fileio import atomic_path
+from bids_harmony.nn import distributed
 
 LOGGER = logging.getLogger(__name__)
 
@@ -200,6 +209,7 @@ def train_state(
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     state.train()
+    distributed.rank_stream(generator)
     losses: list[float] = []
     start = 0
     if checkpoint is not None and checkpoint.is_file():
@@ -208,13 +218,18 @@ def train_state(
                     checkpoint)
     progress = tqdm(
         total=steps, initial=start, desc=description, unit="step", dynamic_ncols=True,
-        mininterval=0.5 if sys.stderr.isatty() else 30.0, disable=False,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0, disable=not distributed.is_main(),
     )
     try:
         for done in range(start + 1, steps + 1):
-            losses.append(step(generator))
+            losses.append(distributed.mean(step(generator)))
+            if done == start + 1:
+                _check_replicas(state, description)
             progress.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
             progress.update()
+            if (monitor is not None and (done % monitor.every == 0 or done == steps)) or (
+                    checkpoint is not None and done % checkpoint_every == 0):
+                _average_buffers(state)
             if monitor is not None and (done % monitor.every == 0 or done == steps):
                 state.train(False)
                 monitor.record(done, description)
@@ -223,26 +238,50 @@ def train_state(
                 _save(checkpoint, done, losses, state, generator, monitor)
     finally:
         progress.close()
+    _average_buffers(state)
     state.train(False)
-    if checkpoint is not None:
+    if checkpoint is not None and distributed.is_main():
         checkpoint.unlink(missing_ok=True)
     return losses
+
+
+def _average_buffers(state: TrainingState) -> None:
+    """Under ``torchrun``: the ranks' running statistics (batch norm's, computed on each
+    rank's own batches; DDP copies rank 0's before each forward pass, so they drift by one
+    step) averaged, before the model is evaluated, checkpointed or returned."""
+    for module in state.modules.values():
+        distributed.average_buffers(module)
+
+
+def _check_replicas(state: TrainingState, description: str) -> None:
+    """Under ``torchrun``, fail at once when a step trained a network outside its
+    ``replicate`` wrapper: the ranks' weights would drift apart unnoticed."""
+    for name, module in state.modules.items():
+        if any(True for _ in module.parameters()) and not distributed.parameters_agree(module):
+            raise RuntimeError(
+                f"{description}: the ranks' '{name}' weights differ after one step; its "
+                "training step must call it through bids_harmony.nn.distributed.replicate"
+            )
 
 
 def _save(
     path: Path, step: int, losses: list[float], state: TrainingState,
     generator: torch.Generator, monitor: Monitor | None,
 ) -> None:
-    """Write the checkpoint beside its final name, then rename it into place."""
-    content = {
-        "step": step,
-        "losses": torch.tensor(losses, dtype=torch.float64),
-        "generator": generator.get_state(),
-        "monitor": [] if monitor is None else monitor.history,
-        **state.state_dict(),
-    }
-    with atomic_path(path) as partial:
-        torch.save(content, partial)
+    """Rank 0 writes the checkpoint beside its final name, then renames it into place; the
+    other ranks wait for it (a rank that resumes reads what rank 0 wrote)."""
+    generators = distributed.gather(generator.get_state())
+    if distributed.is_main():
+        content = {
+            "step": step,
+            "losses": torch.tensor(losses, dtype=torch.float64),
+            "generators": generators,
+            "monitor": [] if monitor is None else monitor.history,
+            **state.state_dict(),
+        }
+        with atomic_path(path) as partial:
+            torch.save(content, partial)
+    distributed.barrier()
 
 
 def _restore(
@@ -251,11 +290,19 @@ def _restore(
     """Load a checkpoint written by :func:`_save` (tensors only: ``weights_only``).
 
     Read onto the CPU: ``load_state_dict`` copies weights and optimiser moments onto the
-    devices their modules already live on.
+    devices their modules already live on. Each rank takes back its own generator state; a
+    run resumed on another number of ranks keeps the weights and draws its own streams on
+    from there (not the uninterrupted run's, which had other ranks).
     """
     content = torch.load(path, map_location="cpu", weights_only=True)
     state.load_state_dict(content)
-    generator.set_state(content["generator"])
+    generators = content["generators"]
+    if len(generators) == distributed.world_size():
+        generator.set_state(generators[distributed.rank()])
+    else:
+        LOGGER.warning("%s was written by %d process(es), resumed on %d: the random streams "
+                       "go on from a new seed", path, len(generators), distributed.world_size())
+        generator.manual_seed(generator.initial_seed() + int(content["step"]))
     if monitor is not None:
         monitor.history[:] = [dict(record) for record in content.get("monitor", [])]
     return int(content["step"]), [float(v) for v in content["losses"]]

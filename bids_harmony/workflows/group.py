@@ -93,9 +93,15 @@ def build_harmonizer(config: RunConfig) -> Harmonizer:
     )
 
 
-def fit_group(config: RunConfig, images: Sequence[AnatImage], template: TemplateFiles) -> GroupFit:
+def fit_group(config: RunConfig, images: Sequence[AnatImage], template: TemplateFiles
+              ) -> GroupFit | None:
     """Load all images, fit ``config.method`` on those preprocessing QC passed (all with
-    ``--keep-flagged``), save it under ``models/``, transform them all."""
+    ``--keep-flagged``), save it under ``models/``, transform them all.
+
+    Under ``torchrun`` every rank fits (the learned harmonizers train data-parallel, see
+    :mod:`bids_harmony.nn.distributed`) and rank 0 alone saves and transforms; the others
+    return ``None``.
+    """
     volumes = [load_preprocessed(config, image, template) for image in images]
     flags = [preprocessing_flags(config, image, template) for image in images]
     fitted_on = _images_to_fit(images, flags, config.keep_flagged)
@@ -104,6 +110,10 @@ def fit_group(config: RunConfig, images: Sequence[AnatImage], template: Template
         [volumes[i] for i in kept], [images[i].site for i in kept],
         [images[i].suffix for i in kept], target=config.target_site,
     )
+    from bids_harmony.nn import distributed
+
+    if not distributed.is_main():
+        return None
     model_dir = config.output_dir / "models" / f"{config.method}_{harmonizer.target_site_}"
     harmonizer.save(model_dir)
     LOGGER.info("fitted %s to target site %s; saved to %s", config.method,
