@@ -3,6 +3,7 @@ module is importable by its plain name)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -10,12 +11,41 @@ from pathlib import Path
 
 import nibabel as nb
 import numpy as np
+from scipy import ndimage
 
 from bids_harmony.volume import EDGES, Volume, load_volume
 
 #: The template the CLI registers to offline (the bundled one; TemplateFlow's 2009c when
 #: available).
 TEMPLATE = "MNI152NLin2009aSym"
+
+
+#: Scanner metadata of the sites :func:`write_head_dataset` gives its subjects, in turn.
+SCANNERS = (
+    {"Manufacturer": "Philips", "ManufacturersModelName": "Intera", "MagneticFieldStrength": 3},
+    {"Manufacturer": "GE", "ManufacturersModelName": "Signa", "MagneticFieldStrength": 1.5},
+)
+
+
+def write_head_dataset(root: Path, heads: list[Path], spacing: int) -> Path:
+    """A BIDS dataset of real heads, ``sub-01``, ``sub-02``, ... (with skull, one T1w each,
+    the sites of :data:`SCANNERS` in turn); at ``spacing`` 1 the 2 mm IXI heads are
+    upsampled (trilinear), so a 1 mm run sees a realistic 1 mm input."""
+    for number, head in enumerate(heads, start=1):
+        image = nb.load(head)
+        data = np.asarray(image.dataobj, dtype=np.float32)
+        affine = image.affine.copy()
+        if spacing == 1:
+            data = ndimage.zoom(data, 2, order=1)
+            affine[:3, :3] /= 2
+        anat = root / f"sub-{number:02d}" / "anat"
+        anat.mkdir(parents=True)
+        name = f"sub-{number:02d}_T1w"
+        nb.Nifti1Image(data.astype(np.int16), affine).to_filename(anat / f"{name}.nii.gz")
+        (anat / f"{name}.json").write_text(json.dumps(SCANNERS[(number - 1) % len(SCANNERS)]))
+    (root / "dataset_description.json").write_text(json.dumps(
+        {"Name": "IXI heads", "BIDSVersion": "1.9.0", "DatasetType": "raw"}))
+    return root
 
 
 def run_cli(*args: object) -> float:

@@ -19,7 +19,6 @@ Writes ``preprocessing_time.md`` in ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -33,27 +32,11 @@ from pathlib import Path
 
 import nibabel as nb
 import numpy as np
-from scipy import ndimage
+
+from common import write_head_dataset
 
 STEPS = ("reorient", "n4", "skullstrip", "register", "warp_brain", "warp_mask", "normalize",
          "edges")
-
-
-def _bids_with_head(root: Path, head: Path, spacing: int) -> None:
-    image = nb.load(head)
-    data = np.asarray(image.dataobj, dtype=np.float32)
-    affine = image.affine.copy()
-    if spacing == 1:
-        data = ndimage.zoom(data, 2, order=1)
-        affine[:3, :3] /= 2
-    anat = root / "sub-01" / "anat"
-    anat.mkdir(parents=True)
-    nb.Nifti1Image(data.astype(np.int16), affine).to_filename(anat / "sub-01_T1w.nii.gz")
-    (anat / "sub-01_T1w.json").write_text(json.dumps(
-        {"Manufacturer": "Philips", "ManufacturersModelName": "Intera", "MagneticFieldStrength": 3}
-    ))
-    (root / "dataset_description.json").write_text(json.dumps(
-        {"Name": "IXI head", "BIDSVersion": "1.9.0", "DatasetType": "raw"}))
 
 
 def _step_times(work: Path) -> dict[str, float]:
@@ -133,7 +116,7 @@ def main() -> None:
             label = f"{spacing} mm {registration}"
             bids = Path(scratch) / f"bids{spacing}"
             if not bids.exists():
-                _bids_with_head(bids, heads[0], spacing)
+                write_head_dataset(bids, heads[:1], spacing)
             out = Path(scratch) / f"out{spacing}{registration}"
             start = time.perf_counter()
             subprocess.run([sys.executable, "-m", "bids_harmony", str(bids), str(out),
