@@ -71,7 +71,7 @@ def test_the_job_array_route(cluster: dict[str, str], small_bids: Path,
                              reference: dict[str, dict], tmp_path: Path) -> None:
     """``examples/slurm/submit.sh``: a participant array, the group job, an apply array."""
     out = tmp_path / "out"
-    env = {**cluster, "BIDS_HARMONY": " ".join(APP), "MAX_PARALLEL": "2",
+    env = {**cluster, "BIDS_HARMONY": " ".join(APP), "MAX_PARALLEL": "2", "PER_TASK": "1",
            "PARTICIPANT_SBATCH": "--cpus-per-task=1 --mem=2G",
            "GROUP_SBATCH": "--cpus-per-task=2 --mem=3G"}
     submitted = subprocess.run(["bash", ROOT / "examples" / "slurm" / "submit.sh", small_bids,
@@ -85,10 +85,50 @@ def test_the_job_array_route(cluster: dict[str, str], small_bids: Path,
     assert not differences, "\n".join(differences)
 
 
-def test_an_array_task_past_the_table_fails_clearly(small_bids: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "3", "BIDS_HARMONY": "false"}
+@pytest.mark.parametrize(("task", "per_task", "labels"),
+                         [("1", "1", "01"), ("2", "1", "02"), ("1", "2", "01 02"),
+                          ("3", "1", None), ("2", "2", None)])
+def test_array_tasks_take_their_lines_of_participants_tsv(
+        task: str, per_task: str, labels: str | None, small_bids: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": task, "PER_TASK": per_task,
+           "BIDS_HARMONY": "echo"}
     result = subprocess.run(["bash", ROOT / "examples" / "slurm" / "participant.sbatch",
-                             small_bids, tmp_path / "out"], env=env, capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 64
-    assert "participants.tsv has no line for array task 3" in result.stderr
+                             small_bids, tmp_path / "out", "--suffix", "T1w"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    if labels is None:
+        assert result.returncode == 64
+        assert f"participants.tsv has no line for array task {task}" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert f"participant --participant-label {labels} --nprocs 1 --suffix T1w" in (
+            result.stdout)
+
+
+def test_each_step_asks_slurm_for_its_memory_unless_the_user_did() -> None:
+    from nipype.interfaces import utility as niu
+    from nipype.pipeline import engine as pe
+
+    from bids_harmony.workflows.plugins import node_resources, request_resources
+
+    def _workflow() -> pe.Workflow:
+        workflow = pe.Workflow(name="sized")
+        workflow.add_nodes([
+            pe.Node(niu.IdentityInterface(fields=["x"]), name="register",
+                    **node_resources("register", 1, omp_nthreads=4)),
+            pe.Node(niu.IdentityInterface(fields=["x"]), name="light",
+                    **node_resources("light", 2, omp_nthreads=4)),
+        ])
+        return workflow
+
+    workflow = _workflow()
+    request_resources(workflow, "SLURMGraph", {})
+    asked = {node.name: node.plugin_args["sbatch_args"] for node in workflow._get_all_nodes()}
+    assert asked == {"register": " --cpus-per-task=4 --mem=1280M",
+                     "light": " --cpus-per-task=1 --mem=205M"}  # Nipype's 0.2 GB default
+    workflow = _workflow()
+    request_resources(workflow, "SLURM", {"sbatch_args": "-p short --mem=6G"})
+    assert {node.plugin_args["sbatch_args"] for node in workflow._get_all_nodes()} == {
+        " --cpus-per-task=4", " --cpus-per-task=1"}
+    workflow = _workflow()
+    request_resources(workflow, "MultiProc", {})
+    assert all(not node.plugin_args for node in workflow._get_all_nodes())

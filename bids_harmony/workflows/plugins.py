@@ -32,18 +32,21 @@ LOCAL_PLUGINS = frozenset({"Linear", "MultiProc"})
 #: look of a batch plugin runs ``squeue``/``qstat`` once per job (2 s is Nipype's default).
 POLL_SECONDS = {"local": 0.05, "batch": 2.0}
 
-#: Peak memory (GB) of the heavy preprocessing and harmonizing steps at 1 mm, rounded up
-#: from ``benchmarks/results/participant_cost.md`` (a 256 x 256 x 150 head; the template grid
-#: is 197 x 233 x 189). ``register`` also takes ``--omp-nthreads`` processors.
+#: Memory (GB) to ask for the heavy steps at 1 mm: the peak resident memory of the process
+#: that ran each step (Python and its libraries included) in
+#: ``benchmarks/results/participant_cost.md``, real 1 mm heads with skull, rounded up by a
+#: quarter for larger fields of view. ``register`` also takes ``--omp-nthreads`` processors.
+#: ``harmonize`` is sized for the learned methods (a network, torch and a sampler's state;
+#: ``histmatch`` peaked at 0.80 GB); ``to_native`` as the other resampling steps.
 NODE_RESOURCES: Mapping[str, float] = {
-    "n4": 1.0,
+    "n4": 0.5,
     "skullstrip": 1.5,
-    "register": 2.0,
+    "register": 1.25,
     "warp_brain": 1.0,
     "warp_mask": 1.0,
-    "normalize": 0.5,
-    "edges": 1.0,
-    "preprocessing_qc": 1.5,
+    "normalize": 1.0,
+    "edges": 1.25,
+    "preprocessing_qc": 1.25,
     "harmonize": 3.0,
     "to_native": 1.0,
 }
@@ -81,8 +84,9 @@ def poll_seconds(plugin: str) -> float:
 
 def scale_for_resolution(mem_gb: float, resolution: int) -> float:
     """A 1 mm estimate at ``resolution`` mm: the template grid has ``resolution**3`` fewer
-    voxels, but the native image and the libraries' own memory do not shrink (half stays)."""
-    return mem_gb * (0.5 + 0.5 / resolution**3)
+    voxels, but the process, its libraries and the native image do not shrink; the
+    benchmark's 2 mm peaks were 0.75-1.0 times the 1 mm ones (this gives 0.78)."""
+    return mem_gb * (0.75 + 0.25 / resolution**3)
 
 
 def node_resources(name: str, resolution: int, omp_nthreads: int) -> dict[str, Any]:

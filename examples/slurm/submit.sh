@@ -3,7 +3,8 @@
 # after it (fit), then a second participant array that applies the fitted model (finished
 # preprocessing is read back, not redone). Each stage starts only if the one before succeeded.
 #   examples/slurm/submit.sh BIDS OUT [bids_harmony options, e.g. --method histmatch]
-# MAX_PARALLEL caps the tasks running at once (default 50); PARTICIPANT_SBATCH and
+# PER_TASK participants per array task (default 1; see participant.sbatch); MAX_PARALLEL caps
+# the tasks running at once (default 50); PARTICIPANT_SBATCH and
 # GROUP_SBATCH add sbatch options to each stage (e.g. "-p short --mem=4G"; they override the
 # scripts' #SBATCH lines); BIDS_HARMONY (the command, see participant.sbatch) is passed on.
 set -euo pipefail
@@ -12,8 +13,10 @@ BIDS=$(cd "$1" && pwd)
 mkdir -p "$2"
 OUT=$(cd "$2" && pwd)
 shift 2
-COUNT=$(( $(wc -l < "$BIDS/participants.tsv") - 1 ))
-ARRAY="--array=1-$COUNT%${MAX_PARALLEL:-50}"
+COUNT=$(awk -F'\t' 'NR > 1 && $1 != ""' "$BIDS/participants.tsv" | wc -l)
+export PER_TASK=${PER_TASK:-1}
+TASKS=$(( (COUNT + PER_TASK - 1) / PER_TASK ))
+ARRAY="--array=1-$TASKS%${MAX_PARALLEL:-50}"
 LOGS="$OUT/logs/slurm"
 mkdir -p "$LOGS"
 read -r -a PARTICIPANT <<< "${PARTICIPANT_SBATCH:-}"
