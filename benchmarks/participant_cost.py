@@ -66,8 +66,10 @@ def _run(bids: Path, out: Path, resolution: int, env: dict[str, str]) -> dict[st
                                ("group", "group", ["--method", "histmatch"]),
                                ("apply", "participant", [])):
         start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        # In the scratch folder: the monitor leaves a .proc-* file per sample in the cwd.
         result = subprocess.run([sys.executable, "-m", "bids_harmony", bids, out, level,
-                                 *common, *extra], capture_output=True, text=True, env=env)
+                                 *common, *extra], capture_output=True, text=True, env=env,
+                                cwd=out.parent)
         if result.returncode != 0:
             sys.exit(f"{level} failed:\n{result.stderr[-3000:]}")
         seconds[name] = time.perf_counter() - start
