@@ -35,8 +35,8 @@ POLL_SECONDS = {"local": 0.05, "batch": 2.0}
 #: Memory (GB) to ask for the heavy steps at 1 mm: the peak resident memory of the process
 #: that ran each step (Python and its libraries included) in
 #: ``benchmarks/results/participant_cost.md``, real 1 mm heads with skull, rounded up by a
-#: quarter or more for larger fields of view
-#: (the peaks varied by up to a fifth between runs). ``register`` also takes ``--omp-nthreads`` processors.
+#: quarter or more for larger fields of view (the peaks varied by up to a fifth between
+#: runs). ``register`` also takes ``--omp-nthreads`` processors.
 #: ``harmonize`` is sized for the learned methods (a network, torch and a sampler's state;
 #: ``histmatch`` peaked at 0.78 GB); ``to_native`` as the other resampling steps.
 NODE_RESOURCES: Mapping[str, float] = {
