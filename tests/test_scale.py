@@ -47,8 +47,10 @@ def reference(small_bids: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     _cli(small_bids, out, "participant", *COMMON, "--nprocs", "2")
     preprocessed = output_content(out)
     _cli(small_bids, out, "group", *COMMON, "--nprocs", "2")
+    grouped = output_content(out)
     _cli(small_bids, out, "participant", *COMMON, "--nprocs", "2")
-    return {"preprocessed": preprocessed, "harmonized": output_content(out)}
+    return {"preprocessed": preprocessed, "grouped": grouped,
+            "harmonized": output_content(out)}
 
 
 def test_the_participant_level_through_slurm_graph(cluster: dict[str, str], small_bids: Path,
@@ -64,6 +66,19 @@ def test_the_participant_level_through_slurm_graph(cluster: dict[str, str], smal
     assert len(register) == 2 and all("--cpus-per-task=1 --mem=" in ln for ln in register)
     assert len(list(batch.glob("*.sh.o"))) > 20  # every node ran as a SLURM job
     differences = content_differences(output_content(out), reference["preprocessed"])
+    assert not differences, "\n".join(differences)
+
+
+def test_the_group_level_through_slurm(cluster: dict[str, str], small_bids: Path,
+                                       reference: dict[str, dict], tmp_path: Path) -> None:
+    """``--plugin SLURM`` submits each missing preprocessing step as a job and waits, so
+    the group level fits on their results in the same command."""
+    out = tmp_path / "out"
+    _cli(small_bids, out, "group", *COMMON, "--plugin", "SLURM", "--plugin-args",
+         '{"sbatch_args": "-p debug"}', "-w", tmp_path / "work", env=cluster)
+    submitted = list((tmp_path / "work").rglob("batch/*.sh"))
+    assert len(submitted) > 20, submitted  # one batch script per preprocessing step
+    differences = content_differences(output_content(out), reference["grouped"])
     assert not differences, "\n".join(differences)
 
 
