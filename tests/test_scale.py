@@ -119,6 +119,24 @@ def test_array_tasks_take_their_lines_of_participants_tsv(
             result.stdout)
 
 
+def test_array_tasks_count_participants_as_submit_sh_does(tmp_path: Path) -> None:
+    """Blank rows take no array task: task N is the N-th participant that submit.sh counted."""
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    (bids / "participants.tsv").write_text(
+        "participant_id\tsite\nsub-01\tA\n\nsub-02\tB\n\t\nsub-03\tA\n")
+    env = {**os.environ, "PER_TASK": "1", "BIDS_HARMONY": "echo"}
+    chosen = []
+    for task in ("1", "2", "3", "4"):
+        result = subprocess.run(
+            ["bash", ROOT / "examples" / "slurm" / "participant.sbatch", bids, tmp_path / "out"],
+            env={**env, "SLURM_ARRAY_TASK_ID": task}, capture_output=True, text=True,
+            timeout=60)
+        chosen.append(result.stdout.split("--participant-label ")[-1].split(" --")[0]
+                      if result.returncode == 0 else result.returncode)
+    assert chosen == ["01", "02", "03", 64]
+
+
 def test_each_step_asks_slurm_for_its_memory_unless_the_user_did() -> None:
     from nipype.interfaces import utility as niu
     from nipype.pipeline import engine as pe

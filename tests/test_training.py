@@ -118,6 +118,24 @@ class StabilisedRun(Run):
         )
 
 
+def test_a_checkpoint_of_the_one_process_format_resumes_exactly(tmp_path: Path) -> None:
+    """Checkpoints written before multi-process training kept one generator state under
+    ``generator``; a work directory that holds one still resumes to the same result."""
+    reference = Run()
+    expected = reference.train(checkpoint=None)
+    checkpoint = tmp_path / "run.pt"
+    interrupted = Run()
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train(checkpoint, interrupted_at(interrupted, call=8))
+    content = torch.load(checkpoint, weights_only=True)
+    content["generator"] = content.pop("generators")[0]
+    torch.save(content, checkpoint)
+
+    resumed = Run()
+    assert resumed.train(checkpoint) == expected
+    assert_same_weights(resumed.network, reference.network)
+
+
 def test_warmup_clipping_ema_and_monitor_resume_exactly(tmp_path: Path) -> None:
     reference = StabilisedRun()
     expected = reference.train(None)

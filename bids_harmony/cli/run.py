@@ -23,6 +23,7 @@ from bids_harmony.errors import (
     UsageError,
     from_os_error,
 )
+from bids_harmony.workflows.plugins import SUBMIT_AND_RETURN
 
 if TYPE_CHECKING:
     import argparse
@@ -222,8 +223,6 @@ def _check_device(device: str) -> None:
 
 def _check_plugin(plugin: str | None, level: str) -> None:
     """A plugin that submits the graph and returns cannot precede the group level's fit."""
-    from bids_harmony.workflows.plugins import SUBMIT_AND_RETURN
-
     if level == "group" and plugin in SUBMIT_AND_RETURN:
         raise UsageError(
             f"--plugin {plugin} submits the workflow and returns before it has run, so the "

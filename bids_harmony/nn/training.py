@@ -195,11 +195,14 @@ def train_state(
     checkpoint: Path | None = None,
     checkpoint_every: int = 500,
     description: str = "training",
+    term_log: dict[str, list[float]] | None = None,
 ) -> list[float]:
     """Run ``steps`` calls of ``step`` on ``state``; returns the loss of every step.
 
     ``monitor`` (if any) runs with the modules in eval mode every ``monitor.every`` steps
-    and after the last step, whatever ``every`` is.
+    and after the last step, whatever ``every`` is. ``term_log`` is where a step with several
+    loss terms appends each one per step (this rank's values); it travels with the
+    checkpoint, so a resumed run's log has every step.
 
     Resumes from ``checkpoint`` when it exists (steps already done are not repeated) and
     removes it once training is complete, since the saved model then holds the result.
@@ -213,7 +216,7 @@ def train_state(
     losses: list[float] = []
     start = 0
     if checkpoint is not None and checkpoint.is_file():
-        start, losses = _restore(checkpoint, state, generator, monitor)
+        start, losses = _restore(checkpoint, state, generator, monitor, term_log)
         LOGGER.info("%s: resuming from step %d of %d (%s)", description, start, steps,
                     checkpoint)
     progress = tqdm(
@@ -227,15 +230,16 @@ def train_state(
                 _check_replicas(state, description)
             progress.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
             progress.update()
-            if (monitor is not None and (done % monitor.every == 0 or done == steps)) or (
-                    checkpoint is not None and done % checkpoint_every == 0):
+            evaluate_now = monitor is not None and (done % monitor.every == 0 or done == steps)
+            checkpoint_now = checkpoint is not None and done % checkpoint_every == 0
+            if evaluate_now or checkpoint_now:
                 _average_buffers(state)
-            if monitor is not None and (done % monitor.every == 0 or done == steps):
+            if evaluate_now:
                 state.train(False)
                 monitor.record(done, description)
                 state.train()
-            if checkpoint is not None and done % checkpoint_every == 0 and done < steps:
-                _save(checkpoint, done, losses, state, generator, monitor)
+            if checkpoint_now and done < steps:
+                _save(checkpoint, done, losses, state, generator, monitor, term_log)
     finally:
         progress.close()
     _average_buffers(state)
@@ -267,6 +271,7 @@ def _check_replicas(state: TrainingState, description: str) -> None:
 def _save(
     path: Path, step: int, losses: list[float], state: TrainingState,
     generator: torch.Generator, monitor: Monitor | None,
+    term_log: Mapping[str, list[float]] | None = None,
 ) -> None:
     """Rank 0 writes the checkpoint beside its final name, then renames it into place; the
     other ranks wait for it (a rank that resumes reads what rank 0 wrote)."""
@@ -277,6 +282,8 @@ def _save(
             "losses": torch.tensor(losses, dtype=torch.float64),
             "generators": generators,
             "monitor": [] if monitor is None else monitor.history,
+            "terms": {name: torch.tensor(values, dtype=torch.float64)
+                      for name, values in (term_log or {}).items()},
             **state.state_dict(),
         }
         with atomic_path(path) as partial:
@@ -285,7 +292,8 @@ def _save(
 
 
 def _restore(
-    path: Path, state: TrainingState, generator: torch.Generator, monitor: Monitor | None
+    path: Path, state: TrainingState, generator: torch.Generator, monitor: Monitor | None,
+    term_log: dict[str, list[float]] | None = None,
 ) -> tuple[int, list[float]]:
     """Load a checkpoint written by :func:`_save` (tensors only: ``weights_only``).
 
@@ -296,7 +304,8 @@ def _restore(
     """
     content = torch.load(path, map_location="cpu", weights_only=True)
     state.load_state_dict(content)
-    generators = content["generators"]
+    # Checkpoints from before multi-process training held one state under "generator".
+    generators = content.get("generators") or [content["generator"]]
     if len(generators) == distributed.world_size():
         generator.set_state(generators[distributed.rank()])
     else:
@@ -305,4 +314,8 @@ def _restore(
         generator.manual_seed(generator.initial_seed() + int(content["step"]))
     if monitor is not None:
         monitor.history[:] = [dict(record) for record in content.get("monitor", [])]
+    if term_log is not None:
+        term_log.clear()
+        term_log.update({name: [float(v) for v in values]
+                         for name, values in content.get("terms", {}).items()})
     return int(content["step"]), [float(v) for v in content["losses"]]

@@ -13,6 +13,7 @@ BIDS=$(cd "$1" && pwd)
 mkdir -p "$2"
 OUT=$(cd "$2" && pwd)
 shift 2
+# Participants: rows after the header with a first column (participant.sbatch's rule).
 COUNT=$(awk -F'\t' 'NR > 1 && $1 != ""' "$BIDS/participants.tsv" | wc -l)
 export PER_TASK=${PER_TASK:-1}
 TASKS=$(( (COUNT + PER_TASK - 1) / PER_TASK ))
