@@ -1,4 +1,5 @@
-"""SGCD against source, histogram matching and z-scoring, trained on several sites' scans.
+"""SGCD and the SSIM-guided disentanglement against source, histogram matching and
+z-scoring, trained on several sites' scans.
 
 The multi-site setting (every method sees every site's scans), not the blind one.
 
@@ -19,7 +20,13 @@ The multi-site setting (every method sees every site's scans), not the blind one
    the target site's included; the source row takes them untouched.
 5. Rows: source, ``histmatch``, ``zscore``, SGCD stage 1 alone (target ``unified``), SGCD
    stage 1+2, SGCD with the random-Gram style extractor (does Psi matter?) and stage 1+2
-   at other inference t_stops (``--t-stops``; the trained weights come from the cache).
+   at other inference t_stops (``--t-stops``; the trained weights come from the cache);
+   ``ssim_disentangle`` to SiemensTrio3T, to a second site (``ssim_disentangle-<site>``;
+   source, histmatch and zscore are then also scored, and fitted, for that target) and its
+   style-agnostic output (``ssim_disentangle-unified``), one trained model for all three.
+6. Paper 002's site-level measures over all held-out heads: the WD between the sites' mean
+   brain-intensity distributions (``site_wasserstein_matrix``) and the luminance SSIM between
+   the sites' mean images (``site_luminance_ssim``), before and after.
 
 SGCD trains at ``--preset`` (``cpu`` by default; ``tiny`` for a smoke run). Finished training
 stages are cached under ``--work``/<part>/checkpoints/sgcd, so a rerun with the same data and
@@ -31,11 +38,13 @@ Usage::
 
     python benchmarks/multisite_methods.py [--part ixi|demo|all] [--preset cpu]
         [--methods ROW ...] [--skip-sgcd] [--t-stops 50 100 250]
-        [--sgcd-param KEY=VALUE ...] [--work DIR]
-        [--out benchmarks/results]
+        [--sgcd-param KEY=VALUE ...] [--disentangle-param KEY=VALUE ...]
+        [--skip-disentangle] [--work DIR]
+        [--out benchmarks/results] [--report NAME]
 
-Writes ``multisite_methods.md`` and ``multisite_methods.csv`` (one row per method x scan
-pair) in ``--out``. Not a test.
+Writes ``<report>.md`` and ``<report>.csv`` (``--report``, default ``multisite_methods``; one
+row per method x scan pair) in ``--out``, and the disentanglement's loss-term plot and last
+training mosaic beside them. Not a test.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import date
@@ -58,11 +68,21 @@ from common import load_scans, run_cli
 
 from bids_harmony.data.demo import DEFAULT_IXI_DIR, SITE_PROFILES, generate_demo_dataset
 from bids_harmony.harmonizers import HARMONIZERS, Harmonizer
+from bids_harmony.harmonizers.base import UNIFIED
 from bids_harmony.metrics import wasserstein
-from bids_harmony.metrics.site_effect import off_diagonal, site_wasserstein_matrix
+from bids_harmony.metrics.site_effect import (
+    off_diagonal,
+    site_luminance_ssim,
+    site_wasserstein_matrix,
+)
 from bids_harmony.volume import Volume
 
 TARGET = SITE_PROFILES[0].label
+#: The second named target of the disentanglement rows.
+SECOND_TARGET = SITE_PROFILES[2].label
+DISENTANGLE = "ssim_disentangle"
+DISENTANGLE_ROWS = {DISENTANGLE: TARGET, f"{DISENTANGLE}-{SECOND_TARGET}": SECOND_TARGET,
+                    f"{DISENTANGLE}-unified": UNIFIED}
 DATA_SEED = 0
 SGCD = "sgcd"
 PSI_DEFAULT, PSI_RANDOM = "style-contrastive", "random-gram"
@@ -118,6 +138,7 @@ class PartResult:
     sites: list[str]
     pairs: list[dict[str, Any]] = field(default_factory=list)
     between: list[dict[str, Any]] = field(default_factory=list)
+    site_level: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
     cards: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
@@ -154,6 +175,10 @@ def _prepare(part: Part, args: argparse.Namespace) -> tuple[dict[str, Scans], fl
 def _build(method: str, args: argparse.Namespace, part: Part,
            t_stop: int = 0, psi: str = PSI_DEFAULT) -> Harmonizer:
     """A fresh harmonizer of a row: SGCD at ``--preset`` with the part's stage cache."""
+    if method == DISENTANGLE:
+        return HARMONIZERS[DISENTANGLE](
+            preset=args.preset, checkpoint_dir=args.work / part.name / "checkpoints" / method,
+            **_typed_params(DISENTANGLE, args.preset, args.disentangle_param))
     if method != SGCD:
         return HARMONIZERS[method]()
     return HARMONIZERS[SGCD](preset=args.preset,
@@ -169,49 +194,75 @@ def _sgcd_params(args: argparse.Namespace) -> dict[str, Any]:
     if clash:
         raise SystemExit(f"--sgcd-param {', '.join(sorted(clash))}: set by the rows; pick rows "
                          "with --methods and the sweep with --t-stops instead")
-    return HARMONIZERS.info(SGCD).parse_params(args.preset, pairs) if pairs else {}
+    return _typed_params(SGCD, args.preset, args.sgcd_param)
+
+
+def _typed_params(method: str, preset: str, items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings typed against ``method``'s schema at ``preset``."""
+    pairs = dict(item.split("=", 1) for item in items)
+    return HARMONIZERS.info(method).parse_params(preset, pairs) if pairs else {}
 
 
 def _card(model: Harmonizer) -> dict[str, Any]:
     """The model card's parameters (device dropped) and diagnostics, if any."""
     card = model.model_card()
     params = {k: v for k, v in card.get("parameters", {}).items() if k != "device"}
-    return {"parameters": params, "diagnostics": card.get("diagnostics")}
+    return {"parameters": params,
+            "diagnostics": model.diagnostics() if hasattr(model, "diagnostics") else None,
+            "loss_terms": model.loss_terms() if hasattr(model, "loss_terms") else None}
 
 
 def _evaluate(result: PartResult, method: str, scans: dict[str, Scans],
-              model: Harmonizer | None) -> None:
-    """Harmonize every held-out scan (all sites), score the source-site ones against the
-    head's target scan and the head's between-site WD; append to ``result``."""
+              model: Harmonizer | None, target: str = TARGET, between: bool = True) -> None:
+    """Harmonize every held-out scan (all sites), score the other sites' scans against the
+    head's ``target`` scan and (with ``between``) the head's between-site WD and the
+    site-level measures; append to ``result``."""
     seconds: list[float] = []
     for sequence, by_key in scans.items():
+        harmonized: dict[str, list[Volume]] = {site: [] for site in result.sites}
         for subject in result.held_out:
             outputs: dict[str, np.ndarray] = {}
             for site in result.sites:
                 volume = by_key[(subject, site)]
                 if model is None:
                     outputs[site] = volume.data
-                    continue
-                start = time.perf_counter()
-                outputs[site] = model.transform(volume, sequence)
-                seconds.append(time.perf_counter() - start)
+                else:
+                    start = time.perf_counter()
+                    outputs[site] = model.transform(volume, sequence)
+                    seconds.append(time.perf_counter() - start)
+                harmonized[site].append(Volume(outputs[site], volume.mask))
             values = {site: [outputs[site][by_key[(subject, site)].mask]] for site in outputs}
-            between = float(off_diagonal(site_wasserstein_matrix(values)[1]).mean())
-            result.between.append({"method": method, "sequence": sequence, "subject": subject,
-                                   "between_site_wd": between})
-            truth = by_key[(subject, TARGET)]
+            if between:
+                head = float(off_diagonal(site_wasserstein_matrix(values)[1]).mean())
+                result.between.append({"method": method, "sequence": sequence,
+                                       "subject": subject, "between_site_wd": head})
+            truth = by_key[(subject, target)]
             for site in result.sites:
-                if site == TARGET:
+                if site == target:
                     continue
                 source = by_key[(subject, site)]
                 scores = _scores(outputs[site], truth, source)
                 scores["wd_target"] = wasserstein(outputs[site][source.mask], truth.brain)
                 result.pairs.append({"part": result.part.name, "sequence": sequence,
                                      "method": method, "subject": subject, "source_site": site,
-                                     "target_site": TARGET, **scores,
-                                     "between_site_wd": between})
+                                     "target_site": target, **scores})
+        if between:
+            result.site_level.append({"method": method, "sequence": sequence,
+                                      **_site_level(harmonized)})
     if seconds:
         result.timings.setdefault(method, {})["transform_s"] = float(np.mean(seconds))
+
+
+def _site_level(harmonized: dict[str, list[Volume]]) -> dict[str, float]:
+    """Paper 002's measures over all held-out heads: mean WD between the sites' mean-intensity
+    distributions, and mean luminance SSIM between the sites' mean images (inside every
+    image's mask)."""
+    values = {site: [v.data[v.mask] for v in volumes] for site, volumes in harmonized.items()}
+    mask = np.logical_and.reduce([v.mask for volumes in harmonized.values() for v in volumes])
+    means = {site: np.mean([v.data for v in volumes], axis=0)
+             for site, volumes in harmonized.items()}
+    return {"site_wd": float(off_diagonal(site_wasserstein_matrix(values)[1]).mean()),
+            "site_luminance_ssim": float(off_diagonal(site_luminance_ssim(means, mask)[1]).mean())}
 
 
 def _fit(model: Harmonizer, training: list[tuple[Volume, str, str]], target: str) -> float:
@@ -235,21 +286,47 @@ def run_part(part: Part, args: argparse.Namespace, methods: list[str]) -> PartRe
                 for s in result.train for site in sites]
     print(f"[{part.name}] {len(training)} training images; preprocessing {preprocessing:.0f} s",
           flush=True)
-    _evaluate(result, "source", scans, None)
-    for method in (m for m in methods if m in CLASSICAL):
-        model = _build(method, args, part)
-        result.timings[method] = {"fit_s": _fit(model, training, TARGET)}
-        _evaluate(result, method, scans, model)
+    targets = [TARGET, *sorted({t for m, t in DISENTANGLE_ROWS.items()
+                                if m in methods and t not in (TARGET, UNIFIED)})]
+    for target in targets:
+        _evaluate(result, "source", scans, None, target, between=target == TARGET)
+        for method in (m for m in methods if m in CLASSICAL):
+            model = _build(method, args, part)
+            fit_s = _fit(model, training, target)
+            if target == TARGET:
+                result.timings[method] = {"fit_s": fit_s}
+            _evaluate(result, method, scans, model, target, between=target == TARGET)
+            print(f"[{part.name}] {method} to {target}: done", flush=True)
+    rows = {m: t for m, t in DISENTANGLE_ROWS.items() if m in methods}
+    if rows and DISENTANGLE not in HARMONIZERS:
+        result.skipped += list(rows)
+    for method, target in rows.items() if DISENTANGLE in HARMONIZERS else ():
+        model = _build(DISENTANGLE, args, part)
+        fit_s = _fit(model, training, target)
+        result.timings[method] = {"fit_s": fit_s}
+        result.cards[method] = _card(model)
+        if method == DISENTANGLE:
+            _keep_pictures(model, result.work, args.out, part.name)
+        _evaluate(result, method, scans, model, TARGET if target == UNIFIED else target)
         print(f"[{part.name}] {method}: done {result.timings[method]}", flush=True)
     specs = {m: spec for m in methods if (spec := _sgcd_row(m)) is not None}
     if specs and SGCD not in HARMONIZERS:
         result.skipped += list(specs)
-        print(f"[{part.name}] '{SGCD}' is not registered; skipping {list(specs)}", flush=True)
         return result
     for psi in dict.fromkeys(spec.psi for spec in specs.values()):
         _run_sgcd_family(result, psi, {m: s for m, s in specs.items() if s.psi == psi},
                          scans, training, args)
     return result
+
+
+def _keep_pictures(model: Harmonizer, work: Path, out: Path, part: str) -> None:
+    """The model's per-term loss plot and its last training sample mosaic, into ``out``."""
+    saved = model.save(work / "models" / DISENTANGLE)
+    for picture in sorted(saved.glob("loss_terms_*.png")):
+        shutil.copyfile(picture, out / f"{DISENTANGLE}_{part}_{picture.name}")
+    samples = sorted((work / "checkpoints" / DISENTANGLE / "samples").glob("*.png"))
+    if samples:
+        shutil.copyfile(samples[-1], out / f"{DISENTANGLE}_{part}_samples.png")
 
 
 def _run_sgcd_family(result: PartResult, psi: str, specs: dict[str, SgcdRow],
@@ -302,18 +379,28 @@ def main() -> None:
     parser.add_argument("--sgcd-param", nargs="+", default=[], metavar="KEY=VALUE",
                         help="settings of every SGCD row over --preset's (as the CLI's "
                              "--harmonizer-param), e.g. space_to_channel=2")
+    parser.add_argument("--disentangle-param", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="settings of the ssim_disentangle rows over --preset's")
+    parser.add_argument("--skip-disentangle", action="store_true",
+                        help="drop every ssim_disentangle row")
     parser.add_argument("--nprocs", type=int, default=2)
     parser.add_argument("--ixi-dir", type=Path, default=DEFAULT_IXI_DIR)
     parser.add_argument("--work", type=Path, default=Path("/tmp/bids_harmony_multisite_bench"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--report", default="multisite_methods",
+                        help="stem of the .md and .csv written in --out")
     args = parser.parse_args()
-    methods = args.methods or [*CLASSICAL, *SGCD_ROWS, *(f"sgcd-t{t}" for t in args.t_stops)]
-    unknown = [m for m in methods if m not in CLASSICAL and _sgcd_row(m) is None]
+    methods = args.methods or [*CLASSICAL, *SGCD_ROWS, *(f"sgcd-t{t}" for t in args.t_stops),
+                               *DISENTANGLE_ROWS]
+    unknown = [m for m in methods if m not in CLASSICAL and _sgcd_row(m) is None
+               and m not in DISENTANGLE_ROWS]
     if unknown:
         parser.error(f"--methods: unknown rows {unknown}; rows are {', '.join(CLASSICAL)}, "
-                     f"{', '.join(SGCD_ROWS)} and sgcd-t<N>")
+                     f"{', '.join(SGCD_ROWS)}, sgcd-t<N> and {', '.join(DISENTANGLE_ROWS)}")
     if args.skip_sgcd:
         methods = [m for m in methods if _sgcd_row(m) is None]
+    if args.skip_disentangle:
+        methods = [m for m in methods if m not in DISENTANGLE_ROWS]
     for key, value in (("NIPYPE_NO_ET", "1"), ("HF_HUB_OFFLINE", "1"), ("MPLBACKEND", "Agg")):
         os.environ.setdefault(key, value)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -343,22 +430,26 @@ def _machine() -> str:
 
 def _write(args: argparse.Namespace, results: list[PartResult]) -> None:
     columns = ["part", "sequence", "method", "subject", "source_site", "target_site",
-               *MEASURES, "between_site_wd"]
-    with (args.out / "multisite_methods.csv").open("w", newline="") as handle:
+               *MEASURES]
+    with (args.out / f"{args.report}.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for result in results:
             writer.writerows(result.pairs)
     lines = [
-        "# Multi-site harmonizers: SGCD against source, histogram matching and z-scoring",
+        "# Multi-site harmonizers: SGCD and SSIM-guided disentanglement against source, "
+        "histogram matching and z-scoring",
         "",
         f"{date.today().isoformat()}; {_machine()}. Seeds: data {DATA_SEED} "
-        "(`generate_demo_dataset`), preprocessing the CLI's default `--seed`, SGCD its "
-        f"preset's `seed` (below). Target site {TARGET}; SGCD preset `{args.preset}`"
-        f"{' with ' + ' '.join(args.sgcd_param) if args.sgcd_param else ''}, "
-        f"t_stop sweep {args.t_stops} at inference (0 = the trained t_stop). Every method "
-        "trains on all scans (every site and sequence) of the training heads and is scored "
-        "on the held-out heads' source-site scans against the same head's target scan.",
+        "(`generate_demo_dataset`), preprocessing the CLI's default `--seed`, the learned "
+        f"methods their preset's `seed` (below). Target site {TARGET} (and {SECOND_TARGET} "
+        f"for the `{DISENTANGLE}-{SECOND_TARGET}` row and the baselines beside it); preset "
+        f"`{args.preset}`"
+        f"{' with SGCD ' + ' '.join(args.sgcd_param) if args.sgcd_param else ''}"
+        f"{' with ' + ' '.join(args.disentangle_param) if args.disentangle_param else ''}, "
+        f"SGCD t_stop sweep {args.t_stops} at inference (0 = the trained t_stop). Every "
+        "method trains on all scans (every site and sequence) of the training heads and is "
+        "scored on the held-out heads' source-site scans against the same head's target scan.",
         "",
         "Measures: SSIM / PSNR (dB) / PCC against the target scan inside both brain masks; "
         "WD = 1-D Wasserstein distance between the brain intensities of the harmonized and "
@@ -367,11 +458,14 @@ def _write(args: argparse.Namespace, results: list[PartResult]) -> None:
         "sites (1001 quantiles each, `site_wasserstein_matrix`), every scan harmonized "
         "(the target site's too) except in the source row. Histogram matching maps every "
         "scan's brain quantiles onto one reference, so its between-site WD is ~0 by "
-        "construction; compare the learned rows with source and zscore there.",
+        "construction; compare the learned rows with source and zscore there. Site WD and "
+        "site luminance SSIM are paper 002's site-level measures over all held-out heads: the "
+        "WD between the sites' mean-intensity distributions and the luminance term between "
+        "the sites' mean images (mean over site pairs).",
     ]
     for result in results:
         lines += _part_section(result)
-    (args.out / "multisite_methods.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{args.report}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -421,11 +515,25 @@ def _timing_lines(result: PartResult) -> list[str]:
 
 def _sequence_tables(result: PartResult, sequence: str, rows: list[dict[str, Any]],
                      methods: list[str]) -> list[str]:
-    sources = [s for s in result.sites if s != TARGET]
+    lines: list[str] = []
+    for target in dict.fromkeys(r["target_site"] for r in rows):
+        lines += _target_tables(result, sequence, [r for r in rows if r["target_site"] == target],
+                                target)
+    return lines + _between_table(result, sequence)
+
+
+def _is_learned(method: str) -> bool:
+    return _sgcd_row(method) is not None or method in DISENTANGLE_ROWS
+
+
+def _target_tables(result: PartResult, sequence: str, rows: list[dict[str, Any]],
+                   target: str) -> list[str]:
+    sources = [s for s in result.sites if s != target]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
     means = {(m, s): {k: _mean_rows([r for r in rows if r["method"] == m
                                      and r["source_site"] == s], k) for k in MEASURES}
              for m in methods for s in sources}
-    lines = ["", f"### {sequence}: vs the same head at {TARGET} (means over "
+    lines = ["", f"### {sequence}: vs the same head at {target} (means over "
              f"{len(result.held_out)} held-out heads)", "",
              "| method | source site | SSIM | PSNR | PCC | WD to target | structural SSIM |",
              "|---|---|---|---|---|---|---|"]
@@ -434,48 +542,80 @@ def _sequence_tables(result: PartResult, sequence: str, rows: list[dict[str, Any
             v = means[(method, site)]
             lines.append(f"| {method} | {site} | {v['ssim']:.3f} | {v['psnr']:.2f} | "
                          f"{v['pcc']:.3f} | {v['wd_target']:.3g} | {v['structural_ssim']:.3f} |")
-    between = [r for r in result.between if r["sequence"] == sequence]
-    source_between = _mean_rows([r for r in between if r["method"] == "source"],
-                                "between_site_wd")
-    lines += ["", f"Between-site WD of the held-out heads ({sequence}; lower is more "
-              "harmonized):", "",
-              "| method | mean | " + " | ".join(result.held_out) + " | below source |",
-              "|---|---|" + "---|" * len(result.held_out) + "---|"]
-    for method in methods:
-        mine = {r["subject"]: r["between_site_wd"] for r in between if r["method"] == method}
-        mean = float(np.mean(list(mine.values())))
-        below = "—" if method == "source" else ("yes" if mean < source_between else "no")
-        lines.append(f"| {method} | {mean:.3g} | "
-                     + " | ".join(f"{mine[s]:.3g}" for s in result.held_out) + f" | {below} |")
-    lines += ["", f"Mean PSNR gain over the source (dB), per source site ({sequence}):", ""]
+    lines += ["", f"Mean PSNR gain over the source (dB), per source site ({sequence}, target "
+              f"{target}):", ""]
     for method in methods[1:]:
         lines.append(f"- `{method}`: " + ", ".join(
             f"{s} {means[(method, s)]['psnr'] - means[('source', s)]['psnr']:+.2f}"
             for s in sources))
-    sgcd_rows = [m for m in methods if _sgcd_row(m) is not None]
+    learned = [m for m in methods if _is_learned(m)]
     baselines = [m for m in ("source", *CLASSICAL) if m in methods]
-    if sgcd_rows:
-        lines += ["", f"Does SGCD beat the baselines ({sequence})? Per source site, PSNR higher "
-                  "/ WD to target lower than the baseline's mean:", "",
-                  "| row | source site | " + " | ".join(f"vs {b} PSNR | WD" for b in baselines)
-                  + " |", "|---|---|" + "---|---|" * len(baselines)]
-        for method in sgcd_rows:
-            for site in sources:
-                mine = means[(method, site)]
-                cells = []
-                for base in baselines:
-                    other = means[(base, site)]
-                    cells.append(f"{'yes' if mine['psnr'] > other['psnr'] else 'no'} "
-                                 f"({mine['psnr'] - other['psnr']:+.2f}) | "
-                                 f"{'yes' if mine['wd_target'] < other['wd_target'] else 'no'}")
-                lines.append(f"| {method} | {site} | " + " | ".join(cells) + " |")
+    if not learned:
+        return lines
+    lines += ["", f"Does a learned row beat the baselines ({sequence}, target {target})? Per "
+              "source site, PSNR higher / WD to target lower than the baseline's mean:", "",
+              "| row | source site | " + " | ".join(f"vs {b} PSNR | WD" for b in baselines)
+              + " |", "|---|---|" + "---|---|" * len(baselines)]
+    for method in learned:
+        for site in sources:
+            mine = means[(method, site)]
+            cells = []
+            for base in baselines:
+                other = means[(base, site)]
+                cells.append(f"{'yes' if mine['psnr'] > other['psnr'] else 'no'} "
+                             f"({mine['psnr'] - other['psnr']:+.2f}) | "
+                             f"{'yes' if mine['wd_target'] < other['wd_target'] else 'no'}")
+            lines.append(f"| {method} | {site} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _between_table(result: PartResult, sequence: str) -> list[str]:
+    between = [r for r in result.between if r["sequence"] == sequence]
+    site_level = {r["method"]: r for r in result.site_level if r["sequence"] == sequence}
+    source_between = _mean_rows([r for r in between if r["method"] == "source"],
+                                "between_site_wd")
+    lines = ["", f"Between-site WD of the held-out heads ({sequence}; lower is more "
+             "harmonized), and the site-level measures:", "",
+             "| method | mean | " + " | ".join(result.held_out)
+             + " | below source | site WD | site luminance SSIM |",
+             "|---|---|" + "---|" * len(result.held_out) + "---|---|---|"]
+    for method in dict.fromkeys(r["method"] for r in between):
+        mine = {r["subject"]: r["between_site_wd"] for r in between if r["method"] == method}
+        mean = float(np.mean(list(mine.values())))
+        below = "—" if method == "source" else ("yes" if mean < source_between else "no")
+        level = site_level[method]
+        lines.append(f"| {method} | {mean:.3g} | "
+                     + " | ".join(f"{mine[s]:.3g}" for s in result.held_out)
+                     + f" | {below} | {level['site_wd']:.3g} | "
+                       f"{level['site_luminance_ssim']:.4f} |")
+    return lines
+
+
+def _term_lines(result: PartResult) -> list[str]:
+    """Each disentanglement loss term: mean over the first and the last tenth of training
+    (one model serves every row, so the first card with terms is shown)."""
+    card = next((c for m, c in result.cards.items() if m in DISENTANGLE_ROWS
+                 and c.get("loss_terms")), None)
+    if card is None:
+        return []
+    lines: list[str] = []
+    for sequence, curves in card["loss_terms"].items():
+        lines += ["", f"Loss terms of `{DISENTANGLE}`, {sequence}: means of the card's "
+                  "thinned curve over the first and the last tenth of the steps (the whole "
+                  "curves are in the model card's `loss_terms`):", "",
+                  "| term | first tenth | last tenth |", "|---|---|---|"]
+        for name, curve in curves.items():
+            values = np.asarray(curve["loss"], dtype=np.float64)
+            tenth = max(1, values.size // 10)
+            lines.append(f"| {name} | {values[:tenth].mean():.4g} | "
+                         f"{values[-tenth:].mean():.4g} |")
     return lines
 
 
 def _card_lines(result: PartResult) -> list[str]:
     if not result.cards:
         return []
-    lines = ["", f"### SGCD model cards ({result.part.name})", ""]
+    lines = _term_lines(result) + ["", f"### Learned model cards ({result.part.name})", ""]
     for method, card in result.cards.items():
         lines += [f"`{method}` parameters: `{json.dumps(card['parameters'], default=str)}`", ""]
         if card["diagnostics"] is not None:

@@ -119,7 +119,8 @@ def build_parser(file_values: Mapping[str, Any] | None = None,
     sites.add_argument("--target-site", default="auto", metavar="SITE|auto|unified",
                        help="site whose style the harmonized images take; auto (default) = the "
                             "most homogeneous site; unified = pooled reference of all sites "
-                            "(sgcd: its stage-1 unified domain)")
+                            "(sgcd: its stage-1 unified domain; ssim_disentangle: its "
+                            "style-agnostic output)")
 
     harmony = parser.add_argument_group("harmonization")
     harmony.add_argument("--method", choices=list(HARMONIZERS), default="histmatch",
@@ -129,7 +130,7 @@ def build_parser(file_values: Mapping[str, Any] | None = None,
                               "under OUTPUT_DIR/models/)")
     harmony.add_argument("--preset", choices=list(Preset), default=None,
                          help="size of a learned harmonizer trained at the group level "
-                              "(cpu: under 20 min on 2 CPU cores at 2 mm; fast: one GPU; "
+                              "(cpu: 10-45 min on 2 CPU cores at 2 mm; fast: one GPU; "
                               "paper: the paper's scale; tiny: tests; auto: cpu without a "
                               "GPU, else fast); default: the method's own, "
                               f"{_default_presets(HARMONIZERS)}; methods without presets "

@@ -130,6 +130,18 @@ def average_buffers(module: torch.nn.Module) -> None:
             buffer /= world_size()
 
 
+def average_gradients(parameters: list[torch.nn.Parameter]) -> None:
+    """Replace each gradient by its mean over the ranks, between ``backward`` and the
+    optimiser step: what DDP does, for a step that calls its networks several times per
+    backward pass (a translation cycle through one generator), which a DDP wrapper refuses."""
+    if world_size() == 1:
+        return
+    for parameter in parameters:
+        if parameter.grad is not None:
+            dist.all_reduce(parameter.grad)
+            parameter.grad /= world_size()
+
+
 def gather(value: Any) -> list[Any]:
     """``value`` of every rank, in rank order (the generator states of a checkpoint)."""
     if world_size() == 1:
