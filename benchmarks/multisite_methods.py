@@ -208,7 +208,7 @@ def _card(model: Harmonizer) -> dict[str, Any]:
     card = model.model_card()
     params = {k: v for k, v in card.get("parameters", {}).items() if k != "device"}
     return {"parameters": params,
-            "diagnostics": model.diagnostics() if hasattr(model, "diagnostics") else None,
+            "diagnostics": model.diagnostics(),
             "loss_terms": model.loss_terms() if hasattr(model, "loss_terms") else None}
 
 

@@ -18,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 from bids_harmony.errors import DataError, UsageError
 from bids_harmony.harmonizers.base import Harmonizer
 from bids_harmony.harmonizers.registry import AUTO_PRESET, MACHINE_PRESET
+from bids_harmony.metrics.similarity import wasserstein
 from bids_harmony.nn import distributed
 from bids_harmony.nn.device import resolve_device
 from bids_harmony.nn.stages import StageResult, run_stage
@@ -284,6 +285,18 @@ def read_diagnostics(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
     held_out = bool(np.asarray(state[HELD_OUT]).ravel()[0]) if HELD_OUT in state else False
     return {"history": history, "baselines": baselines,
             "scored_on": "held-out" if held_out else "training"}
+
+
+def between_site_wd(brains: Sequence[np.ndarray], sites: Sequence[str]) -> float:
+    """Mean pairwise WD between the sites' pooled brain intensities (``brains``: one array of
+    brain values per image): how far apart the diagnostics find the sites."""
+    pooled = {site: np.concatenate([b for b, s in zip(brains, sites) if s == site])
+              for site in sorted(set(sites))}
+    names = list(pooled)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    if not pairs:
+        return 0.0
+    return float(np.mean([wasserstein(pooled[a], pooled[b]) for a, b in pairs]))
 
 
 def summarise_losses(losses: np.ndarray) -> tuple[list[int], list[float]]:

@@ -34,6 +34,7 @@ from bids_harmony.harmonizers.learned import (
     LOSS_HISTORY,
     BrainBox,
     LearnedHarmonizer,
+    between_site_wd,
     machine_preset,
     monitor_arrays,
     plot_loss_curve,
@@ -268,9 +269,10 @@ class SGCD(LearnedHarmonizer):
         unified = [cached[f"image_{i}"] for i in range(len(data))]
         shared = {**stage1, **box.to_state()}
         per_sequence: dict[str, dict[str, np.ndarray]] = {}
-        site_wd = {seq: (between_site_wd([d for d, s in zip(data, labels) if s == k],
+        site_wd = {seq: (between_site_wd([brain_values(d) for d, s in zip(data, labels)
+                                          if s == k],
                                          [x for x, s in zip(sites, labels) if s == k]),
-                         between_site_wd([replace_image(d, u) for d, u, s
+                         between_site_wd([brain_values(replace_image(d, u)) for d, u, s
                                           in zip(data, unified, labels) if s == k],
                                          [x for x, s in zip(sites, labels) if s == k]))
                    for k, seq in enumerate(sequences)}
@@ -647,17 +649,6 @@ def translate(stage1: ConditionalDiffusionUNet, stage2: ConditionalDiffusionUNet
 
 def brain_values(data: Prepared) -> np.ndarray:
     return (data.image[data.mask] + 1.0) / 2.0
-
-
-def between_site_wd(data: Sequence[Prepared], sites: Sequence[str]) -> float:
-    """Mean pairwise WD between the sites' pooled brain intensities."""
-    pooled = {site: np.concatenate([brain_values(d) for d, s in zip(data, sites) if s == site])
-              for site in sorted(set(sites))}
-    names = list(pooled)
-    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
-    if not pairs:
-        return 0.0
-    return float(np.mean([wasserstein(pooled[a], pooled[b]) for a, b in pairs]))
 
 
 def target_wd_diagnostic(

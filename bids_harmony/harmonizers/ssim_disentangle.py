@@ -35,6 +35,7 @@ from bids_harmony.harmonizers.learned import (
     LOSS_HISTORY,
     BrainBox,
     LearnedHarmonizer,
+    between_site_wd,
     machine_preset,
     monitor_arrays,
     resolve_settings,
@@ -342,29 +343,23 @@ class SSIMDisentangle(LearnedHarmonizer):
         """Scores of a few training images (their reconstruction PSNR and the agnostic
         output's between-site WD) and, with a work directory, a sample mosaic."""
         chosen = diagnostic_images(sites, labels, 1)
-        noise = torch.from_numpy(agnostic_noise(self.settings))
+        noise = agnostic_noise(self.settings)
         samples = None if self.checkpoint_dir is None else self.checkpoint_dir / SAMPLES_DIR
         calls = {"count": 0}
 
         def evaluate() -> dict[str, float]:
             calls["count"] += 1
-            rows, reconstruction, agnostic = [], [], []
-            for index in chosen:
-                prepared = data[index]
-                own = target_label(labels, sites[index])
-                image, brain = prepared.image, prepared.mask
-                rec = translate(model, image, brain, own, device)
-                outputs = [translate(model, image, brain, target_label(labels, site), device)
-                           for site in labels]
-                free = translate(model, image, brain, target_label(labels, UNIFIED), device,
-                                 noise)
-                reconstruction.append(psnr(rec, prepared.image, prepared.mask))
-                agnostic.append(np.where(prepared.mask, free, 0.0))
-                rows.append([prepared.image, rec, *outputs, free])
-            scores = {RECONSTRUCTION_PSNR: float(np.mean(reconstruction)),
-                      SITE_WD_AGNOSTIC: between_site_wd(
-                          [replace_image(data[i], a) for i, a in zip(chosen, agnostic)],
-                          [sites[i] for i in chosen])}
+            scores, reconstructions, agnostic = own_and_agnostic(model, data, sites, labels,
+                                                                 chosen, noise, device)
+            rows = []
+            for i, reconstruction, free in zip(chosen, reconstructions, agnostic):
+                image, brain = data[i].image, data[i].mask
+                outputs = [
+                    reconstruction if site == sites[i] else np.where(
+                        brain, translate(model, image, brain, target_label(labels, site),
+                                         device), 0.0)
+                    for site in labels]
+                rows.append([image, reconstruction, *outputs, free])
             if samples is not None and distributed.is_main():
                 samples.mkdir(parents=True, exist_ok=True)
                 plot_mosaic(rows, ["input", "reconstruction", *labels, "agnostic"],
@@ -474,10 +469,6 @@ def _even(side: int) -> int:
     return side - side % 2
 
 
-def replace_image(prepared: Prepared, image: np.ndarray) -> Prepared:
-    return Prepared(image.astype(np.float32), prepared.mask)
-
-
 @dataclass(frozen=True)
 class Batch:
     """``batch`` pairs of crops (N, 1, c, c, c): x_u and x_l with their masks, their labels
@@ -502,11 +493,13 @@ class PairSampler:
         self.images = [torch.from_numpy(d.image) for d in data]
         self.masks = [torch.from_numpy(d.mask) for d in data]
         self.labels = [torch.from_numpy(target_label(labels, s)) for s in sites]
-        self.sites = list(sites)
         hidden = int(settings.unlabelled_fraction * len(data))
         order = np.random.default_rng(settings.seed).permutation(len(data))
         self.labelled = np.ones(len(data), dtype=bool)
         self.labelled[order[:hidden]] = False
+        #: Per image, the labelled images of the other sites: its x_l candidates.
+        self.partners = [[i for i in range(len(data)) if sites[i] != site and self.labelled[i]]
+                         for site in sites]
         self.settings = settings
         self.shape = data[0].image.shape
 
@@ -515,8 +508,7 @@ class PairSampler:
         crop = self.settings.crop
         for _ in range(self.settings.batch):
             u = int(torch.randint(len(self.images), (1,), generator=generator))
-            others = [i for i in range(len(self.images))
-                      if self.sites[i] != self.sites[u] and self.labelled[i]]
+            others = self.partners[u]
             if not others:
                 raise DataError("ssim_disentangle needs labelled images of at least two sites")
             v = others[int(torch.randint(len(others), (1,), generator=generator))]
@@ -668,8 +660,7 @@ def translate(model: Disentangler, image: np.ndarray, mask: np.ndarray, label: n
     padding = [p for side in reversed(image.shape) for p in (0, side % 2)]
     x = F.pad(x, padding)
     brain = F.pad(torch.from_numpy(np.ascontiguousarray(mask))[None, None].to(device), padding)
-    own_noise, _ = model.style(x, brain)
-    n = own_noise if noise is None else noise.reshape(1, -1).to(device)
+    n = model.style(x, brain)[0] if noise is None else noise.reshape(1, -1).to(device)
     out = model.generator(model.structure(x), n, torch.from_numpy(label)[None].to(device))
     depth, height, width = image.shape
     return torch.clamp(out, 0.0, 1.0)[0, 0, :depth, :height, :width].cpu().numpy()
@@ -681,13 +672,28 @@ def diagnostic_images(sites: Sequence[str], labels: Sequence[str], per_site: int
         :per_site]]
 
 
-def between_site_wd(data: Sequence[Prepared], sites: Sequence[str]) -> float:
-    """Mean pairwise WD between the sites' pooled brain intensities."""
-    pooled = {site: np.concatenate([d.image[d.mask] for d, s in zip(data, sites) if s == site])
-              for site in sorted(set(sites))}
-    names = list(pooled)
-    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
-    return float(np.mean([wasserstein(pooled[a], pooled[b]) for a, b in pairs])) if pairs else 0.0
+def own_and_agnostic(model: Disentangler, data: Sequence[Prepared], sites: Sequence[str],
+                     labels: Sequence[str], chosen: Sequence[int], noise: np.ndarray,
+                     device: torch.device) -> tuple[dict[str, float], list[np.ndarray],
+                                                    list[np.ndarray]]:
+    """The ``chosen`` images rendered with their own label (the reconstruction) and in the
+    agnostic style: the mean reconstruction PSNR and the agnostic between-site WD, with both
+    renderings (0 outside the brain)."""
+    agnostic_label = target_label(labels, UNIFIED)
+    reconstructions, agnostic = [], []
+    for i in chosen:
+        image, brain = data[i].image, data[i].mask
+        own = translate(model, image, brain, target_label(labels, sites[i]), device)
+        free = translate(model, image, brain, agnostic_label, device, torch.from_numpy(noise))
+        reconstructions.append(np.where(brain, own, 0.0))
+        agnostic.append(np.where(brain, free, 0.0))
+    scores = {
+        RECONSTRUCTION_PSNR: float(np.mean([psnr(r, data[i].image, data[i].mask)
+                                            for r, i in zip(reconstructions, chosen)])),
+        SITE_WD_AGNOSTIC: between_site_wd([a[data[i].mask] for a, i in zip(agnostic, chosen)],
+                                          [sites[i] for i in chosen]),
+    }
+    return scores, reconstructions, agnostic
 
 
 def fit_diagnostics(model: Disentangler, data: Sequence[Prepared], sites: Sequence[str],
@@ -697,18 +703,8 @@ def fit_diagnostics(model: Disentangler, data: Sequence[Prepared], sites: Sequen
     after the agnostic output, and (for a named target) the source images' WD to the target
     site's pooled intensities before and after translation."""
     chosen = diagnostic_images(sites, labels, DIAGNOSTIC_IMAGES_PER_SITE)
-    agnostic_label = target_label(labels, UNIFIED)
-    reconstruction, agnostic = [], []
-    for i in chosen:
-        rec = translate(model, data[i].image, data[i].mask, target_label(labels, sites[i]),
-                        device)
-        reconstruction.append(psnr(rec, data[i].image, data[i].mask))
-        free = translate(model, data[i].image, data[i].mask, agnostic_label, device,
-                         torch.from_numpy(noise))
-        agnostic.append(replace_image(data[i], np.where(data[i].mask, free, 0.0)))
-    final = {RECONSTRUCTION_PSNR: float(np.mean(reconstruction)),
-             SITE_WD_AGNOSTIC: between_site_wd(agnostic, [sites[i] for i in chosen])}
-    baselines = {SITE_WD_SOURCE: between_site_wd([data[i] for i in chosen],
+    final, _, _ = own_and_agnostic(model, data, sites, labels, chosen, noise, device)
+    baselines = {SITE_WD_SOURCE: between_site_wd([data[i].image[data[i].mask] for i in chosen],
                                                  [sites[i] for i in chosen])}
     if target_site != UNIFIED:
         target = np.concatenate([d.image[d.mask] for d, s in zip(data, sites) if s == target_site])
