@@ -133,7 +133,7 @@ class DisentangleSettings:
 
 
 #: ``tiny``: tests, seconds on 24^3 phantoms. ``cpu``: the default without a GPU, 16
-#: channels, nz 8, 1,500 steps on 48^3 crops, batch 2 (about 35 min on 2 cores; lr 2e-4,
+#: channels, nz 8, 1,500 steps on 48^3 crops, batch 2 (40 min on 2 cores measured; lr 2e-4,
 #: twice DISARM's, since a CPU run has 1/100 of its iterations). ``fast``: a GPU run on the
 #: whole brain box. ``paper``: DISARM++'s width 48 and nz 16 and its iteration cap.
 PRESETS: dict[str, DisentangleSettings] = {
@@ -148,7 +148,7 @@ PRESETS: dict[str, DisentangleSettings] = {
                                  checkpoint_every=2000),
 }
 #: Measured seconds per step on 2 CPU cores, for the time logged before training.
-CPU_SECONDS_PER_STEP = {"cpu": 1.4, "tiny": 0.05}
+CPU_SECONDS_PER_STEP = {"cpu": 1.6, "tiny": 0.05}
 
 
 @register("ssim_disentangle")
