@@ -69,7 +69,7 @@ from common import load_scans, run_cli
 from bids_harmony.data.demo import DEFAULT_IXI_DIR, SITE_PROFILES, generate_demo_dataset
 from bids_harmony.harmonizers import HARMONIZERS, Harmonizer
 from bids_harmony.harmonizers.base import UNIFIED
-from bids_harmony.metrics import wasserstein
+from bids_harmony.metrics import psnr, ssim, wasserstein
 from bids_harmony.metrics.site_effect import (
     off_diagonal,
     site_luminance_ssim,
@@ -83,6 +83,14 @@ SECOND_TARGET = SITE_PROFILES[2].label
 DISENTANGLE = "ssim_disentangle"
 DISENTANGLE_ROWS = {DISENTANGLE: TARGET, f"{DISENTANGLE}-{SECOND_TARGET}": SECOND_TARGET,
                     f"{DISENTANGLE}-unified": UNIFIED}
+UMH = "umh"
+#: UMH rows: the fit's target and settings over --preset's (the L_P ablation stops at
+#: stage 1, the only stage L_P trains).
+UMH_ROWS: dict[str, tuple[str, dict[str, Any]]] = {
+    f"{UMH}-unified": (UNIFIED, {}),
+    UMH: (TARGET, {}),
+    f"{UMH}-perceptual-none-unified": (UNIFIED, {"perceptual": "none"}),
+}
 DATA_SEED = 0
 SGCD = "sgcd"
 PSI_DEFAULT, PSI_RANDOM = "style-contrastive", "random-gram"
@@ -142,6 +150,7 @@ class PartResult:
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
     cards: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    ceiling: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _sgcd_row(name: str) -> SgcdRow | None:
@@ -173,12 +182,17 @@ def _prepare(part: Part, args: argparse.Namespace) -> tuple[dict[str, Scans], fl
 
 
 def _build(method: str, args: argparse.Namespace, part: Part,
-           t_stop: int = 0, psi: str = PSI_DEFAULT) -> Harmonizer:
+           t_stop: int = 0, psi: str = PSI_DEFAULT, extra: dict[str, Any] | None = None
+           ) -> Harmonizer:
     """A fresh harmonizer of a row: SGCD at ``--preset`` with the part's stage cache."""
     if method == DISENTANGLE:
         return HARMONIZERS[DISENTANGLE](
             preset=args.preset, checkpoint_dir=args.work / part.name / "checkpoints" / method,
             **_typed_params(DISENTANGLE, args.preset, args.disentangle_param))
+    if method == UMH:
+        return HARMONIZERS[UMH](
+            preset=args.preset, checkpoint_dir=args.work / part.name / "checkpoints" / UMH,
+            **{**_typed_params(UMH, args.preset, args.umh_param), **(extra or {})})
     if method != SGCD:
         return HARMONIZERS[method]()
     return HARMONIZERS[SGCD](preset=args.preset,
@@ -309,6 +323,16 @@ def run_part(part: Part, args: argparse.Namespace, methods: list[str]) -> PartRe
             _keep_pictures(model, result.work, args.out, part.name)
         _evaluate(result, method, scans, model, TARGET if target == UNIFIED else target)
         print(f"[{part.name}] {method}: done {result.timings[method]}", flush=True)
+    umh_rows = {m: row for m, row in UMH_ROWS.items() if m in methods}
+    for method, (target, extra) in umh_rows.items():
+        model = _build(UMH, args, part, extra=extra)
+        fit_s = _fit(model, training, target)
+        result.timings[method] = {"fit_s": fit_s}
+        result.cards[method] = _card(model)
+        if method == f"{UMH}-unified":
+            _reconstruction_ceiling(result, model, scans)
+        _evaluate(result, method, scans, model)
+        print(f"[{part.name}] {method}: done {result.timings[method]}", flush=True)
     specs = {m: spec for m in methods if (spec := _sgcd_row(m)) is not None}
     if specs and SGCD not in HARMONIZERS:
         result.skipped += list(specs)
@@ -317,6 +341,21 @@ def run_part(part: Part, args: argparse.Namespace, methods: list[str]) -> PartRe
         _run_sgcd_family(result, psi, {m: s for m, s in specs.items() if s.psi == psi},
                          scans, training, args)
     return result
+
+
+def _reconstruction_ceiling(result: PartResult, model: Harmonizer,
+                            scans: dict[str, Scans]) -> None:
+    """UMH's autoencoder alone: D(E(scan)) against the scan itself, PSNR and SSIM inside the
+    brain, for every held-out scan (no output of the model can be sharper)."""
+    for sequence, by_key in scans.items():
+        for subject in result.held_out:
+            for site in result.sites:
+                volume = by_key[(subject, site)]
+                rebuilt = model.reconstruct(volume)  # type: ignore[attr-defined]
+                result.ceiling.append({
+                    "sequence": sequence, "subject": subject, "site": site,
+                    "psnr": psnr(volume.data, rebuilt, volume.mask),
+                    "ssim": ssim(volume.data, rebuilt, volume.mask)})
 
 
 def _keep_pictures(model: Harmonizer, work: Path, out: Path, part: str) -> None:
@@ -383,6 +422,9 @@ def main() -> None:
                         help="settings of the ssim_disentangle rows over --preset's")
     parser.add_argument("--skip-disentangle", action="store_true",
                         help="drop every ssim_disentangle row")
+    parser.add_argument("--umh-param", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="settings of every umh row over --preset's")
+    parser.add_argument("--skip-umh", action="store_true", help="drop every umh row")
     parser.add_argument("--nprocs", type=int, default=2)
     parser.add_argument("--ixi-dir", type=Path, default=DEFAULT_IXI_DIR)
     parser.add_argument("--work", type=Path, default=Path("/tmp/bids_harmony_multisite_bench"))
@@ -391,16 +433,19 @@ def main() -> None:
                         help="stem of the .md and .csv written in --out")
     args = parser.parse_args()
     methods = args.methods or [*CLASSICAL, *SGCD_ROWS, *(f"sgcd-t{t}" for t in args.t_stops),
-                               *DISENTANGLE_ROWS]
+                               *DISENTANGLE_ROWS, *UMH_ROWS]
     unknown = [m for m in methods if m not in CLASSICAL and _sgcd_row(m) is None
-               and m not in DISENTANGLE_ROWS]
+               and m not in DISENTANGLE_ROWS and m not in UMH_ROWS]
     if unknown:
         parser.error(f"--methods: unknown rows {unknown}; rows are {', '.join(CLASSICAL)}, "
-                     f"{', '.join(SGCD_ROWS)}, sgcd-t<N> and {', '.join(DISENTANGLE_ROWS)}")
+                     f"{', '.join(SGCD_ROWS)}, sgcd-t<N>, {', '.join(DISENTANGLE_ROWS)} and "
+                     f"{', '.join(UMH_ROWS)}")
     if args.skip_sgcd:
         methods = [m for m in methods if _sgcd_row(m) is None]
     if args.skip_disentangle:
         methods = [m for m in methods if m not in DISENTANGLE_ROWS]
+    if args.skip_umh:
+        methods = [m for m in methods if m not in UMH_ROWS]
     for key, value in (("NIPYPE_NO_ET", "1"), ("HF_HUB_OFFLINE", "1"), ("MPLBACKEND", "Agg")):
         os.environ.setdefault(key, value)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -494,7 +539,23 @@ def _part_section(result: PartResult) -> list[str]:
     for sequence in part.sequences:
         rows = [r for r in result.pairs if r["sequence"] == sequence]
         lines += _sequence_tables(result, sequence, rows, methods)
+    lines += _ceiling_lines(result)
     lines += _card_lines(result)
+    return lines
+
+
+def _ceiling_lines(result: PartResult) -> list[str]:
+    """UMH's reconstruction ceiling per site: mean PSNR / SSIM of D(E(scan)) vs the scan."""
+    if not result.ceiling:
+        return []
+    lines = ["", "UMH's autoencoder on the held-out scans, D(E(scan)) against the scan itself "
+             "inside the brain (the ceiling: a translation cannot be sharper):", "",
+             "| sequence | site | PSNR | SSIM |", "|---|---|---|---|"]
+    for sequence in dict.fromkeys(r["sequence"] for r in result.ceiling):
+        for site in result.sites:
+            rows = [r for r in result.ceiling if r["sequence"] == sequence and r["site"] == site]
+            lines.append(f"| {sequence} | {site} | {_mean_rows(rows, 'psnr'):.2f} | "
+                         f"{_mean_rows(rows, 'ssim'):.3f} |")
     return lines
 
 
@@ -523,7 +584,7 @@ def _sequence_tables(result: PartResult, sequence: str, rows: list[dict[str, Any
 
 
 def _is_learned(method: str) -> bool:
-    return _sgcd_row(method) is not None or method in DISENTANGLE_ROWS
+    return _sgcd_row(method) is not None or method in DISENTANGLE_ROWS or method in UMH_ROWS
 
 
 def _target_tables(result: PartResult, sequence: str, rows: list[dict[str, Any]],

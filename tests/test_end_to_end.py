@@ -242,14 +242,15 @@ SHORT_RUNS = {
     "blindharmonydiff": {"steps": 20, "sampling_steps": 2, "refinement_steps": 2},
     "sgcd": {"stage1_steps": 10},
     "ssim_disentangle": {"steps": 10},
+    "umh": {"stage1_steps": 10},
 }
 #: The setting that counts a method's (first-stage) training steps.
 STEPS = {"blindharmony": "steps", "blindharmonydiff": "steps", "sgcd": "stage1_steps",
-         "ssim_disentangle": "steps"}
+         "ssim_disentangle": "steps", "umh": "stage1_steps"}
 
 
 @pytest.mark.parametrize("method", ["blindharmony", "blindharmonydiff", "sgcd",
-                                    "ssim_disentangle"])
+                                    "ssim_disentangle", "umh"])
 def test_learned_method_trains_and_applies_through_the_cli(demo_run: dict, method: str) -> None:
     """A learned model trains at the group level (tiny preset, shortened
     further with --harmonizer-param), then the participant level harmonizes with it and

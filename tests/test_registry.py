@@ -48,7 +48,8 @@ def test_listing_the_registry_imports_no_numpy_scipy_or_torch() -> None:
 
 def test_every_harmonizer_module_is_found() -> None:
     assert CLASSICAL == ["histmatch", "nyul", "ssimh", "whitestripe", "zscore"]
-    assert LEARNED == ["blindharmony", "blindharmonydiff", "sgcd", "ssim_disentangle"]
+    assert LEARNED == ["blindharmony", "blindharmonydiff", "sgcd", "ssim_disentangle",
+                       "umh"]
 
 
 @pytest.mark.parametrize("name", sorted(HARMONIZERS))

@@ -119,8 +119,8 @@ def build_parser(file_values: Mapping[str, Any] | None = None,
     sites.add_argument("--target-site", default="auto", metavar="SITE|auto|unified",
                        help="site whose style the harmonized images take; auto (default) = the "
                             "most homogeneous site; unified = pooled reference of all sites "
-                            "(sgcd: its stage-1 unified domain; ssim_disentangle: its "
-                            "style-agnostic output)")
+                            "(sgcd, umh: their stage-1 unified domain; ssim_disentangle: "
+                            "its style-agnostic output)")
 
     harmony = parser.add_argument_group("harmonization")
     harmony.add_argument("--method", choices=list(HARMONIZERS), default="histmatch",

@@ -11,7 +11,6 @@ hallucinations (paper Sec. 3, supplement S3.1). The objective and the sampler ar
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +29,8 @@ from bids_harmony.harmonizers.learned import (
     monitor_arrays,
     network_arrays,
     network_state,
+    pad_end,
+    padded_shape,
     resolve_settings,
     split_validation,
 )
@@ -395,18 +396,6 @@ def whole_volume_coordinates(shape: Sequence[int], padded_shape: Sequence[int]) 
         for size, padded in zip(shape, padded_shape)
     ]
     return np.stack(np.meshgrid(*axes, indexing="ij")).astype(np.float32)
-
-
-def padded_shape(shape: Sequence[int], divisor: int, minimum: int) -> tuple[int, ...]:
-    """Each side rounded up to a multiple of ``divisor`` and to at least ``minimum``."""
-    return tuple(max(minimum, math.ceil(side / divisor) * divisor) for side in shape)
-
-
-def pad_end(array: np.ndarray, shape: Sequence[int], fill: float) -> np.ndarray:
-    """``array`` at the low corner of a ``shape`` array filled with ``fill``."""
-    padded = np.full(tuple(shape), fill, dtype=array.dtype)
-    padded[tuple(slice(0, side) for side in array.shape)] = array
-    return padded
 
 
 def pipeline_edge_map(image: Volume, edge_ratio: float) -> np.ndarray:

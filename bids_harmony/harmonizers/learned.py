@@ -243,6 +243,32 @@ def network_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
+def module_arrays(module: torch.nn.Module, prefix: str) -> dict[str, np.ndarray]:
+    """A module's state dict as ``prefix``-named arrays, so several networks share a state."""
+    return {prefix + name: tensor.detach().cpu().numpy().copy()
+            for name, tensor in module.state_dict().items()}
+
+
+def module_state(state: Mapping[str, np.ndarray], prefix: str) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`module_arrays`: the ``prefix`` arrays as a state dict."""
+    import torch
+
+    return {name[len(prefix):]: torch.from_numpy(np.array(value))
+            for name, value in state.items() if name.startswith(prefix)}
+
+
+def padded_shape(shape: Sequence[int], divisor: int, minimum: int = 1) -> tuple[int, ...]:
+    """Each side rounded up to a multiple of ``divisor`` and to at least ``minimum``."""
+    return tuple(max(minimum, math.ceil(side / divisor) * divisor) for side in shape)
+
+
+def pad_end(array: np.ndarray, shape: Sequence[int], fill: float) -> np.ndarray:
+    """``array`` at the low corner of a ``shape`` array filled with ``fill``."""
+    padded = np.full(tuple(shape), fill, dtype=array.dtype)
+    padded[tuple(slice(0, side) for side in array.shape)] = array
+    return padded
+
+
 def split_validation(images: Sequence[Volume], count: int) -> tuple[list[Volume], list[Volume]]:
     """The last ``count`` images held out for the diagnostics, when at least two stay to train
     on; otherwise none (the diagnostics then score training images, and the card says so)."""

@@ -17,10 +17,9 @@ statistics :mod:`bids_harmony.nn.histogram`.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,6 +35,8 @@ from bids_harmony.harmonizers.learned import (
     LearnedHarmonizer,
     between_site_wd,
     machine_preset,
+    module_arrays,
+    module_state,
     monitor_arrays,
     plot_loss_curve,
     resolve_settings,
@@ -57,15 +58,15 @@ from bids_harmony.nn.ddim import (
 )
 from bids_harmony.nn import distributed
 from bids_harmony.nn.device import resolve_device, validate_device
-from bids_harmony.nn.diffusion_unet import ConditionalDiffusionUNet
+from bids_harmony.nn.diffusion_unet import ConditionalDiffusionUNet, eps_function
 from bids_harmony.nn.histogram import EmaRecord, gradient_map, gradient_scale, soft_histogram
 from bids_harmony.nn.style import (
-    build_style_encoder,
-    encoder_arrays,
+    DESCRIPTION_KEY as PSI_DESCRIPTION,
     load_style_encoder,
     parse_psi,
-    style_reconstruction_loss,
-    style_translation_loss,
+    stage_description,
+    style_encoder_stage,
+    style_updates,
     style_vector,
 )
 from bids_harmony.nn.training import warmup_schedule
@@ -77,7 +78,6 @@ LOGGER = logging.getLogger(__name__)
 STAGE1, STAGE2, EMA = "stage1.", "stage2.", "ema."
 CLASS_LABEL = "class_label"
 STAGE2_LOSS_HISTORY = "stage2_loss_history"
-PSI_DESCRIPTION = "psi_description"
 #: Settings that change neither stage's weights (they are left out of the fingerprints).
 NOT_IN_FINGERPRINT = ("device", "checkpoint_every", "inference_t_stop")
 #: Diagnostics: between-site WD of the training images before / after stage 1, and WD of
@@ -335,7 +335,7 @@ class SGCD(LearnedHarmonizer):
             plot_loss_curve(seq_state[STAGE2_LOSS_HISTORY], f"SGCD stage 2, {sequence}",
                             "style loss (L_S + L_R)", staging / f"loss_stage2_{sequence}.png")
         if PSI_DESCRIPTION in self.shared_state_:
-            card["psi"] = json.loads(bytes(self.shared_state_[PSI_DESCRIPTION]).decode())
+            card["psi"] = stage_description(self.shared_state_)
 
     def _transform_sequence(self, image: Volume, state: dict[str, np.ndarray]) -> np.ndarray:
         settings = self.settings
@@ -403,17 +403,10 @@ class SGCD(LearnedHarmonizer):
         psi_volumes = [d.image for d in data]
         psi_key = fingerprint({"psi": settings.psi, "steps": settings.psi_steps,
                                "seed": settings.seed}, psi_volumes)
-
-        def train_psi() -> dict[str, np.ndarray]:
-            encoder, description = build_style_encoder(
-                settings.psi, psi_volumes, list(sites), steps=settings.psi_steps,
-                seed=settings.seed, device=device)
-            return {**encoder_arrays(encoder), PSI_DESCRIPTION: np.frombuffer(
-                json.dumps(description).encode(), dtype=np.uint8).copy()}
-
-        psi_arrays = self._stage("psi", psi_key, train_psi)
-        psi = load_style_encoder(settings.psi, {k: v for k, v in psi_arrays.items()
-                                                if k != PSI_DESCRIPTION}, device)
+        psi_arrays = self._stage("psi", psi_key, lambda: style_encoder_stage(
+            settings.psi, psi_volumes, list(sites), steps=settings.psi_steps,
+            seed=settings.seed, device=device))
+        psi = load_style_encoder(settings.psi, psi_arrays, device)
         tensors = [d.to_device(device) for d in data]
         unified_t = [torch.from_numpy(u)[None, None].to(device) for u in unified]
         stage1.eval()
@@ -435,25 +428,13 @@ class SGCD(LearnedHarmonizer):
             label = labels[source]
             same = [i for i in targets if labels[i] == label]
             target = same[int(torch.randint(len(same), (1,), generator=generator))]
-            chains = zip(
+            return style_updates(
+                optimiser, list(network.parameters()), psi, target_styles[target],
                 reverse_last_k(eps_function(replica, tensors[source].condition, label),
                                noisy[source], grid_reverse, abar, settings.last_k),
                 reverse_last_k(eps_function(replica, tensors[target].condition, label),
                                noisy[target], grid_reverse, abar, settings.last_k),
-            )
-            losses = []
-            for translated, reconstructed in chains:
-                s_target = target_styles[target]
-                loss = style_translation_loss(
-                    s_target, style_vector(psi, translated, unified_t[source])
-                ) + style_reconstruction_loss(
-                    s_target, style_vector(psi, reconstructed, unified_t[target]))
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
-                optimiser.step()
-                losses.append(float(loss.detach()))
-            return float(np.mean(losses))
+                unified_t[source], unified_t[target])
 
         state = TrainingState({"network": network}, {"optimiser": optimiser})
         checkpoint = checkpoint_path(self.checkpoint_dir, f"sgcd2-{key}")
@@ -534,16 +515,10 @@ def build_network(settings: SGCDSettings, classes: int) -> ConditionalDiffusionU
         )
 
 
-def module_arrays(module: torch.nn.Module, prefix: str) -> dict[str, np.ndarray]:
-    return {prefix + name: tensor.detach().cpu().numpy().copy()
-            for name, tensor in module.state_dict().items()}
-
-
 def load_network(settings: SGCDSettings, classes: int, state: dict[str, np.ndarray],
                  prefix: str, device: torch.device) -> ConditionalDiffusionUNet:
     network = build_network(settings, classes)
-    network.load_state_dict({name[len(prefix):]: torch.from_numpy(np.array(value))
-                             for name, value in state.items() if name.startswith(prefix)})
+    network.load_state_dict(module_state(state, prefix))
     return network.to(device).eval()
 
 
@@ -604,17 +579,6 @@ def stage1_loss(network: ConditionalDiffusionUNet, record: EmaRecord, data: Prep
         weight = 1.0 if gate == 0 else 1.0 - int(t) / gate
         loss = loss + settings.weight_ema * weight * record.loss(label, histogram, mean, std)
     return loss
-
-
-def eps_function(network: ConditionalDiffusionUNet, condition: torch.Tensor, label: int
-                 ) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """The network as :mod:`bids_harmony.nn.ddim` calls it, conditions bound."""
-    classes = torch.tensor([label], device=condition.device)
-
-    def eps(x: torch.Tensor, t: int) -> torch.Tensor:
-        return network(x, torch.tensor([t], device=x.device), condition, classes)
-
-    return eps
 
 
 @torch.no_grad()

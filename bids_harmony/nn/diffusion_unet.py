@@ -9,7 +9,7 @@ U-Net, every loss still on the full grid) and shuffles them back at the end.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
@@ -20,8 +20,9 @@ SPATIAL_DIMS = 3
 
 
 class ConditionalDiffusionUNet(nn.Module):
-    """epsilon(x_t, t, condition, class): the noisy image and its condition map (the gradient
-    map) as input channels, the sequence as MONAI's class embedding."""
+    """epsilon(x_t, t, condition, class): the noisy image and its condition map (SGCD: the
+    gradient map; UMH: IN of the clean latent) as input channels, ``image_channels`` each,
+    the sequence as MONAI's class embedding."""
 
     def __init__(
         self,
@@ -32,14 +33,15 @@ class ConditionalDiffusionUNet(nn.Module):
         head_channels: int,
         classes: int,
         space_to_channel: int = 1,
+        image_channels: int = 1,
     ) -> None:
         super().__init__()
         self.space_to_channel = int(space_to_channel)
         voxels_per_block = self.space_to_channel**SPATIAL_DIMS
         self.unet = DiffusionModelUNet(
             spatial_dims=SPATIAL_DIMS,
-            in_channels=2 * voxels_per_block,
-            out_channels=voxels_per_block,
+            in_channels=2 * image_channels * voxels_per_block,
+            out_channels=image_channels * voxels_per_block,
             num_res_blocks=res_blocks,
             channels=tuple(channels),
             attention_levels=tuple(attention),
@@ -63,3 +65,14 @@ class ConditionalDiffusionUNet(nn.Module):
         if self.space_to_channel > 1:
             out = pixelshuffle(out, SPATIAL_DIMS, self.space_to_channel)
         return out
+
+
+def eps_function(network: ConditionalDiffusionUNet, condition: torch.Tensor, label: int
+                 ) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """The network as :mod:`bids_harmony.nn.ddim` calls it, condition and sequence bound."""
+    classes = torch.tensor([label], device=condition.device)
+
+    def eps(x: torch.Tensor, t: int) -> torch.Tensor:
+        return network(x, torch.tensor([t], device=x.device), condition, classes)
+
+    return eps

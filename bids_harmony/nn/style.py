@@ -20,8 +20,9 @@ with respect to its input, so the style losses can train the diffusion model thr
 from __future__ import annotations
 
 import hashlib
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -101,6 +102,8 @@ LIMITATIONS = {
 #: Keys of :func:`encoder_arrays`, prefixed so they can share a stage's result with others.
 ARRAY_PREFIX = "psi."
 WEIGHTS_PREFIX = ARRAY_PREFIX + "weights."
+#: The key of Ψ's card description in a stage result (outside ``psi.``: not a weight).
+DESCRIPTION_KEY = "psi_description"
 
 
 # --- style vectors and losses ------------------------------------------------------------
@@ -129,6 +132,39 @@ def style_translation_loss(s_target: torch.Tensor, s_translated: torch.Tensor) -
     """
     cosine = nn.functional.cosine_similarity(s_target, s_translated, dim=-1)
     return style_reconstruction_loss(s_target, s_translated) + (1.0 - cosine).mean()
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def style_updates(
+    optimiser: torch.optim.Optimizer, parameters: Sequence[nn.Parameter], encoder: nn.Module,
+    s_target: torch.Tensor, translations: Iterable[torch.Tensor],
+    reconstructions: Iterable[torch.Tensor], unified_source: torch.Tensor,
+    unified_target: torch.Tensor, render: Callable[[torch.Tensor], torch.Tensor] = _identity,
+    clip_norm: float = 1.0,
+) -> float:
+    """The fine harmonizer's updates (SGCD Algorithm 2, UMH Eq. 11): for each pair of
+    estimates the two reverse chains yield (a source translated, a target re-rendered),
+    ``L_S + L_R`` through Ψ and one clipped optimiser step; the mean loss.
+
+    ``render`` turns an estimate into the volume Ψ sees (UMH: the decoder of its latents);
+    the chains must yield lazily (:func:`bids_harmony.nn.ddim.reverse_last_k`), so that each
+    estimate is made with the weights the previous update left.
+    """
+    losses = []
+    for translated, reconstructed in zip(translations, reconstructions):
+        loss = style_translation_loss(
+            s_target, style_vector(encoder, render(translated), unified_source)
+        ) + style_reconstruction_loss(
+            s_target, style_vector(encoder, render(reconstructed), unified_target))
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(parameters), clip_norm)
+        optimiser.step()
+        losses.append(float(loss.detach()))
+    return float(np.mean(losses))
 
 
 # --- the psi setting -----------------------------------------------------------------------
@@ -559,6 +595,23 @@ def describe_style_encoder(
         "paper_setting": name == "biomedclip",
         "limitation": LIMITATIONS[name],
     }
+
+
+def style_encoder_stage(
+    psi: str, volumes: Sequence[np.ndarray], sites: Sequence[str], *, steps: int, seed: int,
+    device: torch.device,
+) -> dict[str, np.ndarray]:
+    """:func:`build_style_encoder` as one stage result: Ψ's arrays and its card description
+    (:data:`DESCRIPTION_KEY`), for a harmonizer's stage cache."""
+    encoder, description = build_style_encoder(psi, volumes, sites, steps=steps, seed=seed,
+                                               device=device)
+    return {**encoder_arrays(encoder), DESCRIPTION_KEY: np.frombuffer(
+        json.dumps(description).encode(), dtype=np.uint8).copy()}
+
+
+def stage_description(arrays: dict[str, np.ndarray]) -> dict:
+    """The card description stored by :func:`style_encoder_stage`."""
+    return json.loads(bytes(arrays[DESCRIPTION_KEY]).decode())
 
 
 def encoder_arrays(encoder: TriPlanarEncoder) -> dict[str, np.ndarray]:
