@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from phantoms import render
 
@@ -107,7 +106,7 @@ def test_stage_two_loss_falls() -> None:
     assert losses[-3:].mean() < losses[:3].mean()
 
 
-@pytest.mark.parametrize("stage, counted", [("1", "stage1_loss"), ("2", "style_translation_loss")])
+@pytest.mark.parametrize("stage, counted", [("1", "stage1_loss"), ("2", "style_updates")])
 def test_interrupted_training_resumes_to_the_same_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str, counted: str
 ) -> None:
@@ -120,11 +119,11 @@ def test_interrupted_training_resumes_to_the_same_model(
     # checkpointed every draw): its 3rd draw.
     stop = 5 if stage == "1" else 3
 
-    def interrupting(*args: object) -> torch.Tensor:
+    def interrupting(*args: object, **kwargs: object) -> object:
         calls.append(1)
         if len(calls) == stop:
             raise KeyboardInterrupt
-        return original(*args)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(sgcd, counted, interrupting)
     with pytest.raises(KeyboardInterrupt):
