@@ -506,8 +506,6 @@ class UMH(LearnedHarmonizer):
         scheduler = warmup_schedule(optimiser, settings.warmup_steps, settings.stage1_steps)
         extractors = {seq: build_perceptual(perceptual_spec(settings, seq), device)
                       for seq in sequences} if settings.weight_perceptual else {}
-        for parameter in autoencoder.parameters():
-            parameter.requires_grad_(False)
         examples = [Example(torch.from_numpy(d.image)[None, None].to(device),
                             torch.from_numpy(z)[None].to(device), label)
                     for d, z, label in zip(data, latents, labels)]
@@ -554,8 +552,6 @@ class UMH(LearnedHarmonizer):
             settings.psi, psi_volumes, list(sites), steps=settings.psi_steps,
             seed=settings.seed, device=device))
         psi = load_style_encoder(settings.psi, psi_arrays, device)
-        for parameter in autoencoder.parameters():
-            parameter.requires_grad_(False)
         images = [torch.from_numpy(d.image)[None, None].to(device) for d in data]
         unified_t = [torch.from_numpy(u)[None, None].to(device) for u in unified]
         stage1.eval()
@@ -713,9 +709,12 @@ def load_network(settings: UMHSettings, classes: int, state: dict[str, np.ndarra
 
 def load_autoencoder(settings: UMHSettings, state: dict[str, np.ndarray],
                      device: torch.device) -> torch.nn.Module:
+    """The trained autoencoder, frozen (stages 1 and 2 backpropagate through it, never into
+    it)."""
     autoencoder = build_autoencoder(settings.ae_channels, settings.latent_channels,
                                     settings.ae_res_blocks, settings.seed)
     autoencoder.load_state_dict(module_state(state, AUTOENCODER))
+    autoencoder.requires_grad_(False)
     return autoencoder.to(device).eval()
 
 
